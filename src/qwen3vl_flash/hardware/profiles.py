@@ -1,0 +1,163 @@
+"""Tile profiles: per-hardware tile sizes and dispatch preferences, as plain data.
+
+The seed names three starting points (``sm61``: 128, ``i5-10210u``: 64, other GPUs: 256). We
+keep them, add ``sm80``/``sm90`` (Triton configs measured on H100, see docs/performance.md) and a
+generic CPU profile (measured on the 2-core CI machine). Anything can be overridden:
+``select_profile(name=...)``, ``QWEN3VL_FLASH_PROFILE=<name>``, or ``profile.replace(...)``.
+
+Fields a backend reads:
+
+* ``block_m`` / ``block_n``: the ``tiled`` backend's query-row and key tiles (query rows count
+  the GQA group folded in, i.e. ``block_m`` rows of (query, head-in-group) pairs).
+* ``triton``: data for the Triton kernels (block sizes, warps, stages per head_dim / arch).
+* ``auto_order``: backends ``auto`` tries, first to last, per dtype ("default" otherwise).
+* ``tiled_min_seqlen``: below this key length ``auto`` skips ``tiled`` (launch overheads win).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .detect import HardwareInfo, detect_hardware
+
+ENV_PROFILE = "QWEN3VL_FLASH_PROFILE"
+
+
+@dataclass(frozen=True)
+class TileProfile:
+    name: str
+    device_type: str  # "cpu" or "cuda"
+    tile_size: int  # the seed's headline tile size for this hardware
+    block_m: int
+    block_n: int
+    auto_order: Dict[str, Tuple[str, ...]]
+    tiled_min_seqlen: int = 0
+    triton: Dict[str, object] = field(default_factory=dict)
+    description: str = ""
+
+    def replace(self, **changes) -> "TileProfile":
+        return dataclasses.replace(self, **changes)
+
+    def order_for(self, dtype: torch.dtype) -> Tuple[str, ...]:
+        key = str(dtype).replace("torch.", "")
+        return self.auto_order.get(key, self.auto_order["default"])
+
+
+_GPU_ORDER = {"default": ("triton", "sdpa", "tiled", "eager")}
+# CPU: PyTorch's fused flash kernel is faster than a Python-level FA2 in float32, but weaker in
+# bf16/fp16 (docs/performance.md); calls needing lse, varlen or windows fall through to tiled.
+_CPU_ORDER = {
+    "default": ("sdpa", "tiled", "eager"),
+    "bfloat16": ("tiled", "sdpa", "eager"),
+    "float16": ("tiled", "sdpa", "eager"),
+}
+
+PROFILES: Dict[str, TileProfile] = {
+    p.name: p
+    for p in [
+        TileProfile(
+            name="sm61",
+            device_type="cuda",
+            tile_size=128,
+            block_m=128,
+            block_n=128,
+            # Triton needs sm80+ for the kernels we ship; SDPA's memory-efficient kernel runs on Pascal.
+            auto_order={"default": ("sdpa", "tiled", "eager")},
+            description="NVIDIA Pascal (GTX 10-series, compute capability 6.x): SDPA efficient kernel, then tiled",
+        ),
+        TileProfile(
+            name="sm80",
+            device_type="cuda",
+            tile_size=256,
+            block_m=256,
+            block_n=256,
+            auto_order=_GPU_ORDER,
+            triton={"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+            description="NVIDIA Ampere/Ada (sm80-sm89): Triton FA2 kernels",
+        ),
+        TileProfile(
+            name="sm90",
+            device_type="cuda",
+            tile_size=256,
+            block_m=256,
+            block_n=256,
+            auto_order=_GPU_ORDER,
+            triton={"fwd": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}},
+            description="NVIDIA Hopper (H100/H200, sm90): Triton FA2 kernels",
+        ),
+        TileProfile(
+            name="generic-gpu",
+            device_type="cuda",
+            tile_size=256,
+            block_m=256,
+            block_n=256,
+            auto_order=_GPU_ORDER,
+            triton={"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
+            description="any other CUDA GPU: Triton where it compiles, else SDPA",
+        ),
+        TileProfile(
+            name="i5-10210u",
+            device_type="cpu",
+            tile_size=64,
+            # 4 cores, 256 KiB L2 per core, 6 MiB L3: a 64-query tile (x GQA group) against 256 keys
+            # keeps the fp32 score tile (256 x 256 x 4 B = 256 KiB) near L2. Not measured on that CPU.
+            block_m=256,
+            block_n=256,
+            auto_order=_CPU_ORDER,
+            tiled_min_seqlen=256,
+            description="Intel Core i5-10210U (4 cores, AVX2, 6 MiB L3): tiles sized for its caches",
+        ),
+        TileProfile(
+            name="generic-cpu",
+            device_type="cpu",
+            tile_size=64,
+            block_m=256,
+            block_n=512,
+            auto_order=_CPU_ORDER,
+            tiled_min_seqlen=256,
+            description="any CPU: tiles measured on the 2-core CI machine",
+        ),
+    ]
+}
+
+
+def _profile_for(hw: HardwareInfo) -> TileProfile:
+    if hw.device_type == "cuda":
+        cc = hw.compute_capability or (0, 0)
+        if cc[0] == 6:
+            return PROFILES["sm61"]
+        if cc[0] == 8:
+            return PROFILES["sm80"]
+        if cc[0] == 9:
+            return PROFILES["sm90"]
+        return PROFILES["generic-gpu"]
+    if "10210u" in hw.cpu_model.lower():
+        return PROFILES["i5-10210u"]
+    return PROFILES["generic-cpu"]
+
+
+def select_profile(hw: Optional[HardwareInfo] = None, name: Optional[str] = None) -> TileProfile:
+    """The tile profile for ``hw`` (default: detected). ``name`` or ``$QWEN3VL_FLASH_PROFILE``
+    picks a named profile instead; an unknown name raises ValueError listing the known ones."""
+    name = name or os.environ.get(ENV_PROFILE) or None
+    if name is not None:
+        try:
+            return PROFILES[name]
+        except KeyError:
+            raise ValueError(f"profile {name!r} is unknown; expected one of {sorted(PROFILES)}") from None
+    return _profile_for(hw if hw is not None else detect_hardware())
+
+
+def profile_for_device(device: torch.device) -> TileProfile:
+    """The profile for the device a call runs on (the env override applies to matching devices)."""
+    env = os.environ.get(ENV_PROFILE)
+    if env:
+        prof = select_profile(name=env)
+        if prof.device_type == device.type:
+            return prof
+    return _profile_for(detect_hardware(device))

@@ -1,0 +1,467 @@
+"""Public attention functions: validation, backend choice, autograd. The docstrings are the spec.
+
+Data flows one way: public function -> validation -> backend choice -> backend kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .backends.base import AttnParams, AttnRequest, Backend, get_backend
+from .hardware.profiles import TileProfile, profile_for_device
+from .reference import lse_dtype
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "choose_backend"]
+
+log = logging.getLogger("qwen3vl_flash")
+
+ENV_BACKEND = "QWEN3VL_FLASH_BACKEND"
+# Checks that read tensor values (cu_seqlens order, cache overflow) synchronise with the device;
+# they are skipped while a CUDA graph is being captured, or when this variable is "0".
+ENV_CHECK_VALUES = "QWEN3VL_FLASH_CHECK_VALUES"
+MAX_HEAD_DIM = 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned: set = set()
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_same(q: torch.Tensor, others: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    for name, x in others:
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+
+
+def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    H, D = q.shape[-2], q.shape[-1]
+    Hkv = k.shape[-2]
+    if k.shape[-1] != D:
+        raise ValueError(f"k's head_dim must equal q's ({D}), got {k.shape[-1]}")
+    if v.shape[-1] != D:
+        raise ValueError(f"v's head_dim must equal q's ({D}), got {v.shape[-1]}")
+    if v.shape[-2] != Hkv:
+        raise ValueError(f"v must have as many heads as k ({Hkv}), got {v.shape[-2]}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"q's head count ({H}) must be a multiple of k's head count (num_kv_heads={Hkv})")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {D}")
+
+
+def _check_options(softmax_scale, causal, window_size, return_lse, backend) -> Tuple[int, int]:
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto', got {type(backend).__name__}")
+    try:
+        left, right = window_size
+        left, right = int(left), int(right)
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    return left, right
+
+
+def _checks_values(t: torch.Tensor) -> bool:
+    if os.environ.get(ENV_CHECK_VALUES, "1") == "0":
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str, device) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor of shape (N+1,), got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must have shape (N+1,) with N >= 1, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device ({device}), got {cu.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
+    if not _checks_values(cu):
+        return
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals, vals[1:])]
+    if min(lens) < 0:
+        raise ValueError(f"{name} must be non-decreasing (sorted), got {vals[:8]}{'...' if len(vals) > 8 else ''}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {vals[-1]}")
+    if max(lens) > max_seqlen:
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest segment in {name} ({max(lens)})")
+
+
+# --------------------------------------------------------------------------------------------
+# backend choice
+# --------------------------------------------------------------------------------------------
+
+
+def _request(q, k, p: AttnParams, need_lse: bool, seqlen_q: int, seqlen_k: int) -> AttnRequest:
+    cap = None
+    if q.is_cuda:
+        try:
+            cap = torch.cuda.get_device_capability(q.device)
+        except Exception:
+            cap = None
+    return AttnRequest(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        num_heads=q.shape[-2],
+        num_kv_heads=k.shape[-2],
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        causal=p.causal,
+        window=p.has_window,
+        varlen=p.varlen,
+        need_lse=need_lse,
+        need_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad),
+        device_capability=cap,
+    )
+
+
+def choose_backend(req: AttnRequest, backend: str, profile: TileProfile) -> List[Backend]:
+    """Backends to try, in order. An explicit name gives exactly one (or raises ValueError)."""
+    name = backend
+    if name == "auto":
+        name = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if name != "auto":
+        be = get_backend(name)
+        reason = be.check(req)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run this call: {reason}")
+        return [be]
+    order = list(profile.order_for(req.dtype))
+    if "tiled" in order and req.seqlen_k < profile.tiled_min_seqlen:
+        order.remove("tiled")
+        order.insert(len(order) - 1 if order and order[-1] == "eager" else len(order), "tiled")
+    chosen = [be for be in map(get_backend, order) if be.check(req) is None]
+    if not chosen:  # eager serves everything, so this only happens for a broken install
+        raise RuntimeError(f"no backend can run this call ({req})")
+    return chosen
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+class _FA2Function(torch.autograd.Function):
+    """Autograd for FA2-style backends: save (q, k, v, out, lse), recompute P in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, backend: Backend, p: AttnParams):
+        out, lse = backend.forward(q, k, v, p)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backend, ctx.p = backend, p
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.p)
+        return dq, dk, dv, None, None
+
+
+def _run(be: Backend, q, k, v, p: AttnParams):
+    if be.native_autograd:
+        return be.attention(q, k, v, p)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FA2Function.apply(q, k, v, be, p)
+    return be.forward(q, k, v, p)
+
+
+def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int, seqlen_k: int):
+    req = _request(q, k, p, need_lse, seqlen_q, seqlen_k)
+    candidates = choose_backend(req, backend, p.profile)
+    explicit = len(candidates) == 1 and (backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto")
+    for i, be in enumerate(candidates):
+        try:
+            return _run(be, q, k, v, p)
+        except Exception as exc:  # auto: fall through to the next backend, once-logged
+            if explicit or i == len(candidates) - 1:
+                raise
+            _warn_once(
+                (be.name, type(exc).__name__),
+                f"qwen3vl_flash: backend {be.name!r} failed ({type(exc).__name__}: {exc}); "
+                f"falling back to {candidates[i + 1].name!r}",
+            )
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Exact attention, softmax(q k^T * scale) v, in O(seq) memory.
+
+    Args:
+        q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D), same dtype (fp16/bf16/fp32/fp64) and device.
+            GQA/MQA: H % Hkv == 0 and query head h reads kv head h // (H // Hkv).
+        softmax_scale: default 1/sqrt(D).
+        causal: mask aligned to the bottom-right corner when Sq != Sk (as flash-attn >= 2.1):
+            query i sees key j iff j <= i + Sk - Sq. E.g. Sq=2, Sk=5::
+
+                1 1 1 1 0
+                1 1 1 1 1
+        window_size: (left, right) sliding window around the aligned diagonal, -1 = unbounded.
+        return_lse: also return the log-sum-exp of the scaled scores, (B, H, Sq) float32
+            (float64 for float64 inputs). A row that sees no key gives output 0 and lse -inf.
+        backend: "auto", "triton", "tiled", "sdpa" or "eager". ``$QWEN3VL_FLASH_BACKEND``
+            overrides "auto". An explicit backend that cannot serve the call raises ValueError.
+
+    Returns:
+        out (B, Sq, H, D) [, lse]. Differentiable with respect to q, k and v.
+
+    Raises:
+        TypeError / ValueError naming the bad argument (rank, dtype, device, batch or length
+        mismatch, H % Hkv != 0, head_dim outside 1..256, bad window or options).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 4, "(B, S, H, D)")
+    _check_same(q, [("k", k), ("v", v)])
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"k and v must have q's batch size ({q.shape[0]}), got {k.shape[0]} and {v.shape[0]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"v must have k's sequence length ({k.shape[1]}), got {v.shape[1]}")
+    _check_heads(q, k, v)
+    window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    p = AttnParams(scale, causal, window, profile=profile_for_device(q.device))
+    B, Sq, H, D = q.shape
+    if q.numel() == 0 or k.shape[1] == 0:  # nothing to attend to: zeros and lse = -inf
+        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps the graph
+        lse = torch.full((B, H, Sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        return (out, lse) if return_lse else out
+    out, lse = _execute(q, k, v, p, backend, return_lse, Sq, k.shape[1])
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over packed sequences of different lengths (no padding).
+
+    Args:
+        q: (Tq, H, D); k, v: (Tk, Hkv, D) -- the N sequences concatenated along dim 0.
+        cu_seqlens_q, cu_seqlens_k: int32 (N+1,), cumulative lengths starting at 0; sequence b
+            is rows cu[b]:cu[b+1]. Empty sequences are allowed. Sequences never see each other.
+        max_seqlen_q, max_seqlen_k: ints >= the longest sequence (used to size kernel grids).
+        softmax_scale, causal, window_size, return_lse, backend: as in :func:`flash_attn_func`,
+            applied per sequence (causal aligned bottom-right within each sequence).
+
+    Returns:
+        out (Tq, H, D) [, lse (H, Tq)]. Differentiable with respect to q, k and v.
+
+    Raises:
+        as :func:`flash_attn_func`, plus cu_seqlens that are not int32, not 1-D, of different
+        lengths, not starting at 0, decreasing, not ending at the token count, or longer than
+        max_seqlen (the value checks are skipped during CUDA-graph capture).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, 3, "(total_tokens, H, D)")
+    _check_same(q, [("k", k), ("v", v)])
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"v must have as many tokens as k ({k.shape[0]}), got {v.shape[0]}")
+    _check_heads(q, k, v)
+    window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+            f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
+        )
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    p = AttnParams(
+        scale,
+        causal,
+        window,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        profile=profile_for_device(q.device),
+    )
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        return (out, lse) if return_lse else out
+    out, lse = _execute(q, k, v, p, backend, return_lse, max_seqlen_q, max_seqlen_k)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    cache_seqlens=None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    backend: str = "auto",
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+):
+    """Attention of new queries against a KV cache, appending new keys/values in place.
+
+    Args:
+        q: (B, Sq, H, D) new queries (Sq = 1 for plain decoding).
+        k_cache, v_cache: (B, Smax, Hkv, D) preallocated caches, q's dtype and device.
+        k, v: optional (B, Snew, Hkv, D) new keys/values, written in place into the caches at rows
+            cache_seqlens[b] .. cache_seqlens[b] + Snew - 1 of batch b. Nothing else is written.
+        cache_seqlens: int32 (B,) tensor (or an int for all rows): valid cache length per batch
+            *before* the append. None means the whole cache is valid (then k/v must be None).
+        causal: bottom-right aligned over the cache_seqlens + Snew visible keys (default True).
+
+    Returns:
+        out (B, Sq, H, D) [, lse (B, H, Sq)]. Not differentiable (inference path).
+
+    Raises:
+        as :func:`flash_attn_func`, plus a cache overflow (cache_seqlens + Snew > Smax), negative
+        lengths, k without v, or shapes that do not match the cache; the cache is untouched then.
+    """
+    _check_tensor("q", q, 4, "(B, Sq, H, D)")
+    _check_tensor("k_cache", k_cache, 4, "(B, Smax, Hkv, D)")
+    _check_tensor("v_cache", v_cache, 4, "(B, Smax, Hkv, D)")
+    _check_same(q, [("k_cache", k_cache), ("v_cache", v_cache)])
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    B, Sq, H, D = q.shape
+    Smax = k_cache.shape[1]
+    if k_cache.shape[0] != B:
+        raise ValueError(f"k_cache must have q's batch size ({B}), got {k_cache.shape[0]}")
+    _check_heads(q, k_cache, v_cache)
+    window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (both None, or both (B, Snew, Hkv, D))")
+    snew = 0
+    if k is not None:
+        _check_tensor("k", k, 4, "(B, Snew, Hkv, D)")
+        _check_tensor("v", v, 4, "(B, Snew, Hkv, D)")
+        _check_same(q, [("k", k), ("v", v)])
+        expect = (B, k.shape[1]) + tuple(k_cache.shape[2:])
+        for name, x in (("k", k), ("v", v)):
+            if tuple(x.shape) != expect:
+                raise ValueError(f"{name} must have shape (B, Snew, Hkv, D) = {expect}, got {tuple(x.shape)}")
+        snew = k.shape[1]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required when new k/v are appended")
+        cache_seqlens = torch.full((B,), Smax, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int32 tensor of shape (B,), an int or None, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
+    if _checks_values(cache_seqlens):
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
+        if hi + snew > Smax:
+            raise ValueError(
+                f"cache overflow: cache_seqlens ({hi}) + Snew ({snew}) exceeds the cache length Smax={Smax}"
+            )
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    profile = profile_for_device(q.device)
+    p = AttnParams(scale, causal, window, profile=profile)
+
+    # a backend with a fused decode path (Triton split-KV) handles append + attention itself
+    req = _request(q, k_cache, p, return_lse, Sq, Smax)
+    for be in choose_backend(req, backend, profile):
+        fused = getattr(be, "kvcache_attention", None)
+        if fused is not None and be.kvcache_check(q, k_cache, p) is None:
+            out, lse = fused(q, k_cache, v_cache, k, v, cache_seqlens, p)
+            return (out, lse) if return_lse else out
+        break
+
+    with torch.no_grad():
+        if snew:
+            rows = cache_seqlens.long().unsqueeze(1) + torch.arange(snew, device=q.device)  # (B, Snew)
+            bidx = torch.arange(B, device=q.device).unsqueeze(1).expand(B, snew)
+            k_cache[bidx, rows] = k
+            v_cache[bidx, rows] = v
+        lens = cache_seqlens + snew
+        lens_list = lens.tolist()
+        if min(lens_list) == max(lens_list):  # one length: a dense call over the valid prefix
+            L = lens_list[0]
+            if L == 0:
+                out = q.new_zeros(q.shape)
+                lse = torch.full((B, H, Sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+                return (out, lse) if return_lse else out
+            res = flash_attn_func(q, k_cache[:, :L], v_cache[:, :L], scale, causal, window, True, backend)
+            return res if return_lse else res[0]
+        # ragged lengths: pack the valid rows and run one varlen call
+        valid = torch.arange(Smax, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # (B, Smax)
+        kp, vp = k_cache[valid], v_cache[valid]
+        cu_k = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+        cu_k[1:] = torch.cumsum(lens, 0)
+        cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
+        out, lse = flash_attn_varlen_func(
+            q.reshape(B * Sq, H, D), kp, vp, cu_q, cu_k, Sq, max(lens_list), scale, causal, window, True, backend
+        )
+        out = out.view(B, Sq, H, D)
+        lse = lse.view(H, B, Sq).permute(1, 0, 2)
+        return (out, lse) if return_lse else out
