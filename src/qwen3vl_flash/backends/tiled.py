@@ -1,15 +1,253 @@
-"""``tiled``: placeholder registration until the kernels land (replaced by the tiled work)."""
+"""``tiled``: FlashAttention-2 in plain PyTorch, on any device and dtype (float64 included).
+
+The executable specification the Triton kernels must match, and the portable fast path on CPUs.
+
+Forward: tiles over queries *and* keys; per query tile a running row max ``m`` and sum ``l``
+(online softmax), rescaling the fp32 accumulator as new key tiles arrive; lse saved.
+Backward: recomputes P = exp(S - lse) tile by tile (FA2), so training memory is O(seq) too.
+
+GQA: the ``g = H // Hkv`` query heads sharing a KV head are folded into the query rows
+(``(B, Sq, H, D) -> (B*Hkv, Sq*g, D)``, row ``r`` is query ``r // g``), so each K/V tile is
+multiplied once per group and never repeated in memory.
+
+Numerics (as FA2): matmuls run in the input dtype (fp32 accumulation inside the BLAS), the
+softmax and all accumulators in float32 (float64 for float64 inputs). The softmax scale and
+log2(e) are folded into Q once, so the inner loop uses ``exp2``.
+"""
 
 from __future__ import annotations
 
-from .base import Backend, register_backend
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..reference import lse_dtype
+from .base import AttnParams, AttnRequest, Backend, register_backend
+
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+
+
+def _fold(x: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """(B, S, H, D) -> (B*Hkv, S*g, D): the g query heads of a KV head become consecutive rows."""
+    B, S, H, D = x.shape
+    g = H // Hkv
+    return x.view(B, S, Hkv, g, D).permute(0, 2, 1, 3, 4).reshape(B * Hkv, S * g, D)
+
+
+def _unfold(x: torch.Tensor, B: int, S: int, H: int) -> torch.Tensor:
+    """(B*Hkv, S*g, D) -> (B, S, H, D), inverse of :func:`_fold`."""
+    BH, R, D = x.shape
+    Hkv = BH // B
+    g = H // Hkv
+    return x.view(B, Hkv, S, g, D).permute(0, 2, 1, 3, 4).reshape(B, S, H, D)
+
+
+def _kv_heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, Hkv, D) -> (B*Hkv, S, D) contiguous."""
+    B, S, Hkv, D = x.shape
+    return x.transpose(1, 2).reshape(B * Hkv, S, D)
+
+
+class _Tiling:
+    """Which key tiles a query-row tile visits, and the mask of the partially visible ones.
+
+    Rows are folded (query i = r // g); keys are aligned bottom-right (offset Sk - Sq).
+    """
+
+    def __init__(self, Sq: int, Sk: int, g: int, causal: bool, window: Tuple[int, int], block_n: int, device):
+        left, right = window
+        if causal:
+            right = 0 if right < 0 else min(right, 0)
+        self.Sk, self.g, self.off = Sk, g, Sk - Sq
+        self.left, self.right, self.block_n, self.device = left, right, block_n, device
+        self._masks = {}
+
+    def key_range(self, r0: int, r1: int) -> Tuple[int, int]:
+        i_lo, i_hi = r0 // self.g + self.off, (r1 - 1) // self.g + self.off
+        lo = max(0, i_lo - self.left) if self.left >= 0 else 0
+        hi = min(self.Sk, i_hi + self.right + 1) if self.right >= 0 else self.Sk
+        return lo, hi
+
+    def tiles(self, r0: int, r1: int):
+        """Yield (c0, c1, mask | None) for the key tiles rows r0:r1 can see."""
+        lo, hi = self.key_range(r0, r1)
+        if lo >= hi:
+            return
+        i_lo, i_hi = r0 // self.g + self.off, (r1 - 1) // self.g + self.off
+        bn = self.block_n
+        for c0 in range(lo - lo % bn, hi, bn):
+            c1 = min(c0 + bn, self.Sk)
+            full = (self.right < 0 or c1 - 1 <= i_lo + self.right) and (self.left < 0 or c0 >= i_hi - self.left)
+            yield c0, c1, None if full else self._mask(r0, r1, c0, c1)
+
+    def _mask(self, r0, r1, c0, c1) -> torch.Tensor:
+        # the mask depends only on the rows' position relative to the keys: diagonal tiles repeat
+        key = (r0 % self.g, r1 - r0, c1 - c0, c0 - (r0 // self.g + self.off))
+        m = self._masks.get(key)
+        if m is None:
+            i = (torch.arange(r0, r1, device=self.device) // self.g + self.off).unsqueeze(1)
+            j = torch.arange(c0, c1, device=self.device).unsqueeze(0)
+            m = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=self.device)
+            if self.right >= 0:
+                m &= j <= i + self.right
+            if self.left >= 0:
+                m &= j >= i - self.left
+            m = ~m  # True where masked, for masked_fill_
+            self._masks[key] = m
+        return m
+
+
+def _scores(qb: torch.Tensor, kb: torch.Tensor, acc: torch.dtype, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """log2-domain scores (BH, rows, cols) in the accumulator dtype, masked entries -inf."""
+    s = torch.bmm(qb, kb.transpose(1, 2))
+    if s.dtype != acc:
+        s = s.to(acc)
+    if mask is not None:
+        s.masked_fill_(mask, float("-inf"))
+    return s
+
+
+def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, block_n: int):
+    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq)."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    g = H // Hkv
+    acc_t = lse_dtype(q.dtype)
+    qf = _fold(q * (scale * LOG2E), Hkv)  # (BH, R, D), scale and log2(e) folded in once
+    kh, vh = _kv_heads_first(k), _kv_heads_first(v)
+    BH, R = qf.shape[0], qf.shape[1]
+    out = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
+    lse2 = torch.empty(BH, R, dtype=acc_t, device=q.device)
+    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device)
+    for r0 in range(0, R, block_m):
+        r1 = min(r0 + block_m, R)
+        qb = qf[:, r0:r1]
+        m = torch.full((BH, r1 - r0), float("-inf"), dtype=acc_t, device=q.device)
+        l = torch.zeros(BH, r1 - r0, dtype=acc_t, device=q.device)
+        acc = torch.zeros(BH, r1 - r0, D, dtype=acc_t, device=q.device)
+        for c0, c1, mask in tiling.tiles(r0, r1):
+            s = _scores(qb, kh[:, c0:c1], acc_t, mask)
+            # -- update m_i and l_i; rows with no visible key yet keep m = -inf (use 0 as pivot)
+            m_new = torch.maximum(m, s.amax(-1))
+            pivot = m_new if mask is None else m_new.masked_fill(m_new == float("-inf"), 0.0)
+            s.sub_(pivot.unsqueeze(-1)).exp2_()  # s becomes P~ (unnormalised probabilities)
+            alpha = torch.exp2(m - pivot)
+            l.mul_(alpha).add_(s.sum(-1))
+            acc.mul_(alpha.unsqueeze(-1))
+            vb = vh[:, c0:c1]
+            if vb.dtype == acc_t:
+                acc.baddbmm_(s, vb)
+            else:
+                acc.add_(torch.bmm(s.to(vb.dtype), vb))
+            m = m_new
+        empty = l == 0  # rows that saw no key: output 0, lse -inf
+        out[:, r0:r1] = (acc / l.masked_fill(empty, 1.0).unsqueeze(-1)).to(q.dtype)
+        lse2[:, r0:r1] = torch.where(empty, float("-inf"), m + torch.log2(l.masked_fill(empty, 1.0)))
+    lse = (lse2 * LN2).view(B, Hkv, Sq, g).transpose(2, 3).reshape(B, H, Sq)
+    return _unfold(out, B, Sq, H), lse
+
+
+def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, block_m: int, block_n: int):
+    """FA2 backward: recompute P = exp(S - lse) per tile; returns dq, dk, dv in the input dtype."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    g = H // Hkv
+    acc_t = lse_dtype(q.dtype)
+    qf = _fold(q * (scale * LOG2E), Hkv)
+    dof = _fold(dout, Hkv)
+    # D_i = rowsum(dO * O): the softmax-Jacobian term, one number per query row
+    delta = (dof.to(acc_t) * _fold(out, Hkv).to(acc_t)).sum(-1)
+    # lse per folded row in the log2 domain; rows that saw nothing get +inf so P = 0 there
+    lse_rows = lse.view(B, Hkv, g, Sq).transpose(2, 3).reshape(B * Hkv, Sq * g).to(acc_t) * LOG2E
+    lse_rows = lse_rows.masked_fill(torch.isneginf(lse_rows), float("inf"))
+    kh, vh = _kv_heads_first(k), _kv_heads_first(v)
+    BH, R = qf.shape[0], qf.shape[1]
+    dq = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(BH, Sk, D, dtype=acc_t, device=q.device)
+    dv = torch.zeros(BH, Sk, D, dtype=acc_t, device=q.device)
+    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device)
+    lowp = q.dtype != acc_t
+    for r0 in range(0, R, block_m):
+        r1 = min(r0 + block_m, R)
+        qb, dob = qf[:, r0:r1], dof[:, r0:r1]
+        dq_b = torch.zeros(BH, r1 - r0, D, dtype=acc_t, device=q.device)
+        lse_b, delta_b = lse_rows[:, r0:r1].unsqueeze(-1), delta[:, r0:r1].unsqueeze(-1)
+        for c0, c1, mask in tiling.tiles(r0, r1):
+            kb, vb = kh[:, c0:c1], vh[:, c0:c1]
+            p = _scores(qb, kb, acc_t, mask).sub_(lse_b).exp2_()  # (BH, rows, cols)
+            dp = torch.bmm(dob, vb.transpose(1, 2))
+            dp = dp.to(acc_t) if lowp else dp
+            ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D)
+            if lowp:
+                p, ds = p.to(q.dtype), ds.to(q.dtype)
+                dv[:, c0:c1] += torch.bmm(p.transpose(1, 2), dob)
+                dq_b += torch.bmm(ds, kb)
+                dk[:, c0:c1] += torch.bmm(ds.transpose(1, 2), qb)
+            else:
+                dv[:, c0:c1].baddbmm_(p.transpose(1, 2), dob)
+                dq_b.baddbmm_(ds, kb)
+                dk[:, c0:c1].baddbmm_(ds.transpose(1, 2), qb)
+        dq[:, r0:r1] = (dq_b * scale).to(q.dtype)
+    # qb carried scale*log2(e); dS^T q needs scale only
+    dk.mul_(1.0 / LOG2E)
+    dk = dk.view(B, Hkv, Sk, D).transpose(1, 2).to(k.dtype)
+    dv = dv.view(B, Hkv, Sk, D).transpose(1, 2).to(v.dtype)
+    return _unfold(dq, B, Sq, H), dk, dv
+
+
+def _segments(p: AttnParams):
+    cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        yield cq[b], cq[b + 1], ck[b], ck[b + 1]
 
 
 class TiledBackend(Backend):
     name = "tiled"
+    native_autograd = False
 
-    def check(self, req):
-        return "the tiled kernels are not part of this build yet"
+    def check(self, req: AttnRequest) -> Optional[str]:
+        return None  # any device, any float dtype, every feature
+
+    @staticmethod
+    def _blocks(p: AttnParams, D: int) -> Tuple[int, int]:
+        prof = p.profile
+        bm = getattr(prof, "block_m", 256) or 256
+        bn = getattr(prof, "block_n", 512) or 512
+        return bm, bn
+
+    def forward(self, q, k, v, p: AttnParams):
+        bm, bn = self._blocks(p, q.shape[-1])
+        if not p.varlen:
+            return _forward_core(q, k, v, p.softmax_scale, p.causal, p.window_size, bm, bn)
+        out = torch.zeros_like(q)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        for qs, qe, ks, ke in _segments(p):
+            if qe == qs or ke == ks:
+                continue
+            o, l = _forward_core(
+                q[qs:qe].unsqueeze(0), k[ks:ke].unsqueeze(0), v[ks:ke].unsqueeze(0),
+                p.softmax_scale, p.causal, p.window_size, bm, bn,
+            )
+            out[qs:qe] = o[0]
+            lse[:, qs:qe] = l[0]
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, p: AttnParams):
+        bm, bn = self._blocks(p, q.shape[-1])
+        if not p.varlen:
+            return _backward_core(dout, q, k, v, out, lse, p.softmax_scale, p.causal, p.window_size, bm, bn)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for qs, qe, ks, ke in _segments(p):
+            if qe == qs or ke == ks:
+                continue
+            a, b, c = _backward_core(
+                dout[qs:qe].unsqueeze(0), q[qs:qe].unsqueeze(0), k[ks:ke].unsqueeze(0), v[ks:ke].unsqueeze(0),
+                out[qs:qe].unsqueeze(0), lse[:, qs:qe].unsqueeze(0), p.softmax_scale, p.causal, p.window_size, bm, bn,
+            )
+            dq[qs:qe], dk[ks:ke], dv[ks:ke] = a[0], b[0], c[0]
+        return dq, dk, dv
 
 
 register_backend(TiledBackend())
