@@ -1,0 +1,427 @@
+"""Triton FlashAttention-2 forward: kernel, then a plain launcher.
+
+One kernel serves both layouts:
+
+* dense:  q (B, Sq, H, D), k/v (B, Sk, Hkv, D), out like q, lse (B, H, Sq)
+* varlen: q (Tq, H, D), k/v (Tk, Hkv, D), ``cu_seqlens`` int32 (N+1,), lse (H, Tq)
+
+(varlen is the dense kernel with a zero batch stride and per-segment row offsets/lengths read
+from ``cu_seqlens``). Grid: (query blocks, batch * heads), query blocks fastest so that all
+programs in flight at once read the same K/V (L2 reuse); under causal masking the query blocks
+run last-first (heaviest first) so the short ones fill the tail of the wave.
+
+Masking follows :mod:`qwen3vl_flash.reference`: with ``off = Sk - Sq``, key j is visible to query
+i iff ``j <= i + off + right`` (causal folds into ``right = min(right, 0)``) and
+``j >= i + off - left``. Each query block visits only the key blocks it can see (causal / window
+block skipping) and applies the mask only on the boundary blocks: the loop is split into
+masked-left, unmasked-middle and masked-right ranges.
+
+Head dims: tensor-core dots need power-of-two tiles >= 16. A head dim that is not a power of two
+is split into a power-of-two part plus a power-of-two tail (72 = 64 + 16 with 8 masked columns,
+80 = 64 + 16, 96 = 64 + 32) and every dot over D becomes two dots, instead of padding to 128
+(which would waste 44% / 37% / 25% of the tensor-core work). ``head_split="pad"`` pads instead,
+kept for measuring the two against each other.
+
+Precision: fp16/bf16 dots accumulate in fp32; the softmax runs in fp32 in base 2 (``exp2``,
+scores pre-multiplied by ``softmax_scale * log2(e)``). fp32 inputs use full-precision ("ieee")
+dots, not tf32, so fp32 results keep fp32 accuracy (at a large speed cost on GPU). float64 is
+not supported (the backend's ``check`` says so and ``auto`` falls to ``tiled``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+
+# Poison freshly allocated outputs with NaN so a test sees any element a kernel forgot to write.
+DEBUG_POISON = os.environ.get("QWEN3VL_FLASH_TRITON_POISON", "0") == "1"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def split_head_dim(head_dim: int, mode: str = "split") -> Tuple[int, int]:
+    """(BLOCK_D0, BLOCK_D1): a power-of-two main part and a power-of-two tail (0 = none).
+
+    ``split``: 72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 128 -> (128, 0), 200 -> (128, 128).
+    ``pad``:   72 -> (128, 0). Tiles are at least 16 wide (the smallest tensor-core dot).
+    """
+    if head_dim <= 16:
+        return 16, 0
+    main = 1 << (head_dim.bit_length() - 1)
+    if main == head_dim:
+        return main, 0
+    if mode == "pad":
+        return next_pow2(head_dim), 0
+    if mode != "split":
+        raise ValueError(f"head_split must be 'split' or 'pad', got {mode!r}")
+    return main, max(16, next_pow2(head_dim - main))
+
+
+def fold_window(causal: bool, window_size: Tuple[int, int]) -> Tuple[int, int]:
+    """(left, right) with causal folded into right (right = min(right, 0)); -1 = unbounded."""
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return int(left), int(right)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b. DOT_PREC "upcast": the CPU interpreter cannot multiply bf16 (numpy has no
+    bf16), so tiles go to fp32 first -- bf16 products are exact in fp32, as on tensor cores."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _load2d(ptrs, a_ok, b_ok, MASK_A: tl.constexpr, MASK_B: tl.constexpr):
+    """Load a tile, masking only along the dimensions that can run out (constexpr-chosen, so
+    interior tiles compile to unmasked, vectorised loads)."""
+    if MASK_A and MASK_B:
+        return tl.load(ptrs, mask=a_ok & b_ok, other=0.0)
+    elif MASK_A:
+        return tl.load(ptrs, mask=a_ok, other=0.0)
+    elif MASK_B:
+        return tl.load(ptrs, mask=b_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _fwd_inner(
+    acc0, acc1, l_i, m_i,
+    q0, q1,
+    k_base, v_base, stride_ks, stride_vs,
+    lo, hi,
+    offs_m, seqlen_k, off, window_left, window_right, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1 if BLOCK_D1 > 0 else 16)
+    d0_ok = offs_d0 < HEAD_DIM
+    d1_ok = offs_d1 < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < seqlen_k
+        # -- s = q k^T, over the main part of D and the tail
+        k0 = _load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
+                     n_ok[None, :], d0_ok[:, None], MASK, BLOCK_D0 > HEAD_DIM)
+        s = _dot(q0, k0, None, DOT_PREC)
+        if BLOCK_D1 > 0:
+            k1 = _load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
+                         n_ok[None, :], d1_ok[:, None], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
+            s = _dot(q1, k1, s, DOT_PREC)
+        s = s * qk_scale  # log2 units
+        if MASK:
+            vis = n_ok[None, :]
+            if HAS_RIGHT:
+                vis = vis & (cols[None, :] <= offs_m[:, None] + off + window_right)
+            if HAS_LEFT:
+                vis = vis & (cols[None, :] >= offs_m[:, None] + off - window_left)
+            s = tl.where(vis, s, float("-inf"))
+        # -- update m_i and l_i (a row that has seen no key keeps m = -inf: use 0 as its pivot)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASK:
+            m_pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_pivot = m_new
+        p = tl.math.exp2(s - m_pivot[:, None])
+        alpha = tl.math.exp2(m_i - m_pivot)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # -- acc = acc * alpha + p v
+        v0 = _load2d(v_base + cols[:, None] * stride_vs + offs_d0[None, :],  # (N, D0)
+                     n_ok[:, None], d0_ok[None, :], MASK, BLOCK_D0 > HEAD_DIM)
+        p_lo = p.to(v0.dtype)
+        acc0 = _dot(p_lo, v0, acc0 * alpha[:, None], DOT_PREC)
+        if BLOCK_D1 > 0:
+            v1 = _load2d(v_base + cols[:, None] * stride_vs + offs_d1[None, :],
+                         n_ok[:, None], d1_ok[None, :], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
+            acc1 = _dot(p_lo, v1, acc1 * alpha[:, None], DOT_PREC)
+        m_i = m_new
+    return acc0, acc1, l_i, m_i
+
+
+@triton.jit
+def _block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key ranges for query rows [m0, m0 + BLOCK_M): [lo, full_lo) masked, [full_lo, full_hi)
+    unmasked (every row sees every key), [full_hi, hi) masked. All multiples of BLOCK_N except hi."""
+    off = seqlen_k - seqlen_q
+    m_last = m0 + BLOCK_M - 1
+    if HAS_RIGHT:
+        hi = tl.minimum(seqlen_k, tl.maximum(m_last + off + window_right + 1, 0))
+        full_hi = tl.minimum(seqlen_k, tl.maximum(m0 + off + window_right + 1, 0))
+    else:
+        hi = seqlen_k
+        full_hi = seqlen_k
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + off - window_left, 0)
+        lo = tl.minimum((lo // BLOCK_N) * BLOCK_N, hi)
+        full_lo = tl.maximum(m_last + off - window_left, 0)
+        full_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        full_lo = 0
+    hi = tl.maximum(hi, lo)
+    hi_ceil = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_ceil)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, CuSeqQ, CuSeqK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, num_heads, group,
+    qk_scale, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    REVERSE_M: tl.constexpr, ALIGN8: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    tl.static_assert(BLOCK_D0 >= 16)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    h_kv = h // group  # GQA: query head h reads kv head h // group; K/V are never repeated
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + b)
+        seqlen_q = tl.load(CuSeqQ + b + 1) - q_start
+        k_start = tl.load(CuSeqK + b)
+        seqlen_k = tl.load(CuSeqK + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+    if REVERSE_M:  # heaviest (last) causal query blocks first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    m0 = pid_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+
+    q_off = b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+    k_off = b.to(tl.int64) * stride_kb + k_start.to(tl.int64) * stride_ks + h_kv * stride_kh
+    v_off = b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + h_kv * stride_vh
+    o_off = b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh
+    if ALIGN8:  # strides of a 72-wide head are multiples of 8, not 16: say so for vector loads
+        q_off = tl.multiple_of(q_off, 8)
+        k_off = tl.multiple_of(k_off, 8)
+        v_off = tl.multiple_of(v_off, 8)
+        o_off = tl.multiple_of(o_off, 8)
+    q_base = Q + q_off
+    k_base = K + k_off
+    v_base = V + v_off
+    o_base = Out + o_off
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1 if BLOCK_D1 > 0 else 16)
+    m_ok = offs_m < seqlen_q
+    q0 = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d0[None, :],
+                 mask=m_ok[:, None] & (offs_d0 < HEAD_DIM)[None, :], other=0.0)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        q1 = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d1[None, :],
+                     mask=m_ok[:, None] & (offs_d1 < HEAD_DIM)[None, :], other=0.0)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    else:
+        q1 = q0  # unused placeholders
+        acc1 = tl.zeros([1, 1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = _block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
+                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    off = seqlen_k - seqlen_q
+    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_ks, stride_vs,
+                                      lo, full_lo, offs_m, seqlen_k, off, window_left, window_right, qk_scale,
+                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_ks, stride_vs,
+                                      full_lo, full_hi, offs_m, seqlen_k, off, window_left, window_right, qk_scale,
+                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_ks, stride_vs,
+                                      full_hi, hi, offs_m, seqlen_k, off, window_left, window_right, qk_scale,
+                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+
+    # -- epilogue: out = acc / l; a row that saw no key gives 0 and lse = -inf
+    seen = l_i > 0.0
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse_ptrs = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + offs_m
+    tl.store(lse_ptrs, lse, mask=m_ok)
+    out0 = (acc0 * inv_l[:, None]).to(Out.dtype.element_ty)
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d0[None, :], out0,
+             mask=m_ok[:, None] & (offs_d0 < HEAD_DIM)[None, :])
+    if BLOCK_D1 > 0:
+        out1 = (acc1 * inv_l[:, None]).to(Out.dtype.element_ty)
+        tl.store(o_base + offs_m[:, None] * stride_os + offs_d1[None, :], out1,
+                 mask=m_ok[:, None] & (offs_d1 < HEAD_DIM)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+# Used when a profile carries no Triton entry for the call (the CPU interpreter, unknown GPUs).
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+# Pruned autotune list for GPUs without a measured profile entry.
+AUTOTUNE_FWD = [
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+]
+_TUNED: Dict[tuple, dict] = {}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32: full precision; fp16/bf16: the tensor-core default (the tf32 flag is ignored for
+    them); bf16 under the CPU interpreter: upcast tiles to fp32 (see ``_dot``)."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
+    return "tf32"
+
+
+def _layout(q, k, v, out, lse, varlen: bool):
+    """(strides..., batch, seqlen_q, seqlen_k) for dense (B,S,H,D) or varlen (T,H,D) tensors."""
+    if varlen:
+        sq = (0, q.stride(0), q.stride(1))
+        sk = (0, k.stride(0), k.stride(1))
+        sv = (0, v.stride(0), v.stride(1))
+        so = (0, out.stride(0), out.stride(1))
+        sl = (0, lse.stride(0))
+    else:
+        sq = (q.stride(0), q.stride(1), q.stride(2))
+        sk = (k.stride(0), k.stride(1), k.stride(2))
+        sv = (v.stride(0), v.stride(1), v.stride(2))
+        so = (out.stride(0), out.stride(1), out.stride(2))
+        sl = (lse.stride(0), lse.stride(1))
+    return sq, sk, sv, so, sl
+
+
+def _aligned8(*tensors) -> bool:
+    return all(all(s % 8 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def _contig_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    config: Optional[dict] = None,
+    head_split: str = "split",
+    reverse_m: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns (out like q, lse float32: (B, H, Sq) or (H, Tq)).
+
+    config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None autotunes over
+    :data:`AUTOTUNE_FWD` once per (head_dim, dtype, mask kind, length bucket) on GPU, or uses
+    :data:`INTERPRET_CONFIG` in the interpreter.
+    """
+    varlen = cu_seqlens_q is not None
+    q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+    D = q.shape[-1]
+    H, Hkv = q.shape[-2], k.shape[-2]
+    if varlen:
+        Tq = q.shape[0]
+        B = cu_seqlens_q.numel() - 1
+        Sq, Sk = int(max_seqlen_q), int(max_seqlen_k)
+        lse = torch.empty((H, Tq), dtype=torch.float32, device=q.device)
+    else:
+        B, Sq = q.shape[0], q.shape[1]
+        Sk = k.shape[1]
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    if DEBUG_POISON:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    left, right = fold_window(causal, window_size)
+    d0, d1 = split_head_dim(D, head_split)
+    sq, sk, sv, so, sl = _layout(q, k, v, out, lse, varlen)
+    if reverse_m is None:
+        reverse_m = right >= 0
+    dummy = cu_seqlens_q if varlen else q  # never read when VARLEN is False
+    statics = dict(
+        HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        REVERSE_M=bool(reverse_m), ALIGN8=_aligned8(q, k, v, out), DOT_PREC=dot_precision(q.dtype),
+    )
+
+    def launch(cfg):
+        grid = (triton.cdiv(max(Sq, 1), cfg["BLOCK_M"]), B * H)
+        _fwd_kernel[grid](
+            q, k, v, out, lse, dummy, cu_seqlens_k if varlen else dummy,
+            *sq, *sk, *sv, *so, *sl,
+            Sq, Sk, H, H // Hkv,
+            float(softmax_scale) * LOG2E, left, right,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
+            **statics,
+        )
+
+    if config is None:
+        config = _autotune(launch, ("fwd", D, head_split, q.dtype, varlen, left >= 0, right >= 0,
+                                    next_pow2(max(Sq, Sk)), q.device.index), AUTOTUNE_FWD)
+    launch(config)
+    return out, lse
+
+
+def _autotune(launch, key, candidates):
+    """Time each candidate once (median of a short do_bench) and cache the winner per key."""
+    if interpreting():
+        return INTERPRET_CONFIG
+    best = _TUNED.get(key)
+    if best is None:
+        best_t = math.inf
+        for cfg in candidates:
+            try:
+                t = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+            except Exception:  # out of resources (shared memory / registers) for this tile
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        if best is None:
+            raise RuntimeError(f"no Triton config could run {key}")
+        _TUNED[key] = best
+    return best
