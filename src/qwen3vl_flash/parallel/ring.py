@@ -1,0 +1,176 @@
+"""Ring attention: K/V travel around the ring, each rank keeps its queries.
+
+Step s on rank r computes its queries against the K/V block of rank ``src = (r - s) mod W``
+while the block for step s+1 is already in flight (``batch_isend_irecv`` posted before the
+compute, two K/V buffers alternating). Partial outputs are merged by lse in fp32 (fp64 for fp64
+inputs) with :func:`.merge.merge_attn_outputs`.
+
+Which part of a block is computed (local sequence of 2 chunks of c tokens for zigzag)::
+
+    causal, zigzag (rank r holds chunks r and 2W-1-r)
+      step 0   (src == r): both halves vs both halves, causal (local order = global order)
+      src < r           : all 2c queries vs the first c keys (chunk src), no mask
+      src > r           : the last c queries (chunk 2W-1-r) vs all 2c keys, no mask
+    causal, contiguous: step 0 causal, src < r full, src > r skipped (nothing visible)
+    not causal        : every block full
+
+so with zigzag every step after the first costs exactly half a block on every rank.
+
+Backward (FA2 with the *global* out and lse): each block's dq/dk/dv are exact partial gradients,
+because P = exp(S - lse_global) is already normalised. dq accumulates locally in fp32; dk/dv
+accumulate in an fp32 buffer that travels around the ring with its K/V block and arrives back
+at its owner after W hops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..backends.base import AttnParams, Backend
+from ..hardware.profiles import profile_for_device
+from ..reference import lse_dtype
+from .comm import RingComm
+from .merge import merge_attn_outputs
+
+__all__ = ["ring_attn", "block_plan"]
+
+_ALL = slice(None)
+
+
+def block_plan(step: int, src: int, rank: int, causal: bool, layout: str, half: int):
+    """(query rows, key rows, causal) that rank ``rank`` computes against ``src``'s block at
+    ``step``, or None when no query there sees any key of that block."""
+    if not causal:
+        return _ALL, _ALL, False
+    if step == 0:
+        return _ALL, _ALL, True
+    if layout == "contiguous":
+        return (_ALL, _ALL, False) if src < rank else None
+    if src < rank:
+        return _ALL, slice(0, half), False
+    return slice(half, None), _ALL, False
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return lse_dtype(dtype)  # float32, float64 for float64
+
+
+def _rows(x: torch.Tensor, sl: slice, dim: int = 1) -> torch.Tensor:
+    if sl == _ALL:
+        return x
+    return x[(slice(None),) * dim + (sl,)].contiguous()
+
+
+def _params(q: torch.Tensor, scale: float, causal: bool) -> AttnParams:
+    return AttnParams(softmax_scale=scale, causal=causal, profile=profile_for_device(q.device))
+
+
+def ring_forward(be: Backend, q, k, v, scale: float, causal: bool, layout: str, comm: Optional[RingComm]):
+    """Forward over the ring; returns out (q's dtype) and the global lse (B, H, S)."""
+    W = comm.size if comm is not None else 1
+    r = comm.rank if comm is not None else 0
+    half = q.shape[1] // 2
+    params = {c: _params(q, scale, c) for c in (False, True)}
+    acc_t = _acc_dtype(q.dtype)
+    kv = torch.stack([k, v]) if W > 1 else None  # (2, B, S, Hkv, D), one message per step
+    spare = torch.empty_like(kv) if W > 2 else None
+    out = lse = None
+    for step in range(W):
+        nxt = comm.send_recv(kv, spare) if step + 1 < W else None
+        kb, vb = (k, v) if step == 0 else (kv[0], kv[1])
+        plan = block_plan(step, (r - step) % W, r, causal, layout, half)
+        if plan is not None:
+            qs, ks, blk_causal = plan
+            bo, bl = be.forward(_rows(q, qs), _rows(kb, ks), _rows(vb, ks), params[blk_causal])
+            if out is None:  # step 0 covers every query row
+                out, lse = bo.to(acc_t), bl.to(acc_t)
+            elif qs == _ALL:
+                out, lse = merge_attn_outputs(out, lse, bo, bl)
+            else:
+                o2, l2 = merge_attn_outputs(out[:, qs], lse[:, :, qs], bo, bl)
+                out[:, qs], lse[:, :, qs] = o2, l2
+        if nxt is not None:
+            comm.wait()
+            kv, spare = nxt, kv
+    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+
+
+def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bool, layout: str,
+                  comm: Optional[RingComm], dkv_comm: Optional[RingComm]):
+    """Backward over the ring with the global out/lse; returns dq, dk, dv in the input dtypes."""
+    W = comm.size if comm is not None else 1
+    r = comm.rank if comm is not None else 0
+    half = q.shape[1] // 2
+    params = {c: _params(q, scale, c) for c in (False, True)}
+    acc_t = _acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
+    kv = torch.stack([k, v]) if W > 1 else None
+    spare = torch.empty_like(kv) if W > 2 else None
+    dkv = dkv_spare = dkv_next = None
+    for step in range(W):
+        nxt = comm.send_recv(kv, spare) if step + 1 < W else None
+        kb, vb = (k, v) if step == 0 else (kv[0], kv[1])
+        plan = block_plan(step, (r - step) % W, r, causal, layout, half)
+        grads = None
+        if plan is not None:
+            qs, ks, blk_causal = plan
+            grads = be.backward(
+                _rows(dout, qs), _rows(q, qs), _rows(kb, ks), _rows(vb, ks), _rows(out, qs),
+                _rows(lse, qs, dim=2), params[blk_causal],
+            )
+        # the dk/dv accumulator of the block we hold: fresh at step 0, else the one that arrived
+        if step == 0:
+            dkv = torch.zeros((2,) + tuple(k.shape), dtype=acc_t, device=k.device)
+        else:
+            dkv_comm.wait()
+            dkv, dkv_spare = dkv_next, dkv
+        if grads is not None:
+            dq_b, dk_b, dv_b = grads
+            if qs == _ALL:
+                dq += dq_b
+            else:
+                dq[:, qs] += dq_b
+            dkv[0][:, ks] += dk_b
+            dkv[1][:, ks] += dv_b
+        if nxt is not None:
+            comm.wait()
+            kv, spare = nxt, kv
+        if W > 1:  # pass the accumulator on; after W hops it is back at its owner
+            dkv_next = dkv_comm.send_recv(dkv, dkv_spare)
+    if W > 1:
+        dkv_comm.wait()
+        dkv = dkv_next
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, be, scale, causal, layout, group, size, rank):
+        comm = RingComm(group, size, rank) if size > 1 else None
+        out, lse = ring_forward(be, q, k, v, scale, causal, layout, comm)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (be, scale, causal, layout, group, size, rank)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        be, scale, causal, layout, group, size, rank = ctx.args
+        comm = RingComm(group, size, rank) if size > 1 else None
+        dkv_comm = RingComm(group, size, rank) if size > 1 else None
+        dq, dk, dv = ring_backward(be, dout.contiguous(), q, k, v, out, lse, scale, causal, layout, comm, dkv_comm)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def ring_attn(q, k, v, be: Backend, scale: float, causal: bool, layout: str,
+              group=None, size: int = 1, rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention over ``group`` (``size`` ranks, this one ``rank``) on local shards laid out
+    by ``layout``; ``size == 1`` is one local FA2 call. Differentiable; returns (out, lse)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _RingAttnFunction.apply(q, k, v, be, scale, causal, layout, group, size, rank)
+    comm = RingComm(group, size, rank) if size > 1 else None
+    return ring_forward(be, q, k, v, scale, causal, layout, comm)

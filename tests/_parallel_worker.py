@@ -1,0 +1,168 @@
+"""Worker side of tests/test_parallel.py: one spawn of W gloo processes runs many cases.
+
+Each case builds the *global* inputs from a seed shared by all ranks, computes the single-process
+reference with ``flash_attn_func(backend="tiled")`` (float64, autograd), then runs the
+context-parallel path on this rank's shard and records the max abs differences. Rank results go
+to ``<out_dir>/rank<r>.json``; the parent asserts on them. A case that raises records its
+traceback instead (every rank raises alike, so no collective is left hanging).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+import zlib
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if a.numel() == 0:
+        return 0.0
+    both_ninf = torch.isneginf(a) & torch.isneginf(b)
+    d = (a.double() - b.double()).abs().masked_fill(both_ninf, 0.0)
+    return float("nan") if torch.isnan(d).any() else d.max().item()
+
+
+def _group(spec: str, world: int):
+    """'world' -> None; 'mesh:RxU' -> 2-D DeviceMesh; 'pair:RxU' -> (ring_group, ulysses_group)."""
+    if spec == "world":
+        return None
+    kind, dims = spec.split(":")
+    wr, wu = map(int, dims.split("x"))
+    if kind == "mesh":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh("cpu", (wr, wu), mesh_dim_names=("ring", "ulysses"))
+    # pair: every rank creates every group, in the same order (plain new_group is world-collective)
+    rank = dist.get_rank()
+    ring_g = uly_g = None
+    for i in range(wr):
+        g = dist.new_group([i * wu + u for u in range(wu)])
+        if rank // wu == i:
+            uly_g = g
+    for u in range(wu):
+        g = dist.new_group([i * wu + u for i in range(wr)])
+        if rank % wu == u:
+            ring_g = g
+    return ring_g, uly_g
+
+
+def case_attn(c, seed):
+    from qwen3vl_flash import flash_attn_func
+    from qwen3vl_flash.parallel import choose_mode, context_parallel_attn, shard, unshard
+    from qwen3vl_flash.reference import attention_ref
+
+    gen = torch.Generator().manual_seed(seed)
+    B, S, H, Hkv, D = c["B"], c["S"], c["H"], c["Hkv"], c["D"]
+    dt = torch.float64
+    q = torch.randn(B, S, H, D, generator=gen, dtype=dt)
+    k = torch.randn(B, S, Hkv, D, generator=gen, dtype=dt)
+    v = torch.randn(B, S, Hkv, D, generator=gen, dtype=dt)
+    dout = torch.randn(B, S, H, D, generator=gen, dtype=dt)
+    scale = c.get("scale")
+    causal, layout, mode = c["causal"], c["layout"], c["mode"]
+    group = _group(c.get("group", "world"), dist.get_world_size())
+
+    # single-process reference: the public function with the tiled backend
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    ref_out, ref_lse = flash_attn_func(qr, kr, vr, softmax_scale=scale, causal=causal, return_lse=True, backend="tiled")
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref_out, (qr, kr, vr), dout)
+    # guard: the reference itself agrees with the materialised definition
+    chk_out, chk_lse = attention_ref(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
+
+    ql, kl, vl = (shard(t, 1, group, layout).requires_grad_(True) for t in (q, k, v))
+    out, lse = context_parallel_attn(ql, kl, vl, causal=causal, group=group, mode=mode, layout=layout,
+                                     softmax_scale=scale, return_lse=True, backend="tiled")
+    dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), shard(dout, 1, group, layout))
+    res = {
+        "ref_vs_definition": max(_maxdiff(ref_out, chk_out), _maxdiff(ref_lse, chk_lse)),
+        "out": _maxdiff(unshard(out, 1, group, layout), ref_out.detach()),
+        "lse": _maxdiff(lse, shard(ref_lse, 2, group, layout)),
+        "dq": _maxdiff(dq, shard(ref_dq, 1, group, layout)),
+        "dk": _maxdiff(dk, shard(ref_dk, 1, group, layout)),
+        "dv": _maxdiff(dv, shard(ref_dv, 1, group, layout)),
+        "dtypes": [str(t.dtype) for t in (out, lse, dq, dk, dv)],
+        "local_len": ql.shape[1],
+    }
+    if mode == "auto":
+        res["auto_mode"] = choose_mode(H, Hkv, group)
+    return res
+
+
+def case_shard(c, seed):
+    """tokens (B, S), MRoPE position ids (3, B, S) and hidden states (B, S, E): shard holds the
+    chunks the layout names, unshard restores the sequence."""
+    from qwen3vl_flash.parallel import shard, unshard
+
+    W, r = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator().manual_seed(seed)
+    S = c["S"]
+    tokens = torch.randint(0, 50000, (2, S), generator=gen)
+    pos = torch.randint(0, 4096, (3, 2, S), generator=gen)
+    hidden = torch.randn(2, S, 5, generator=gen, dtype=torch.float64)
+    res = {}
+    for layout in ("zigzag", "contiguous"):
+        n = 2 * W if layout == "zigzag" else W
+        ids = [r, 2 * W - 1 - r] if layout == "zigzag" else [r]
+        for name, x, dim in (("tokens", tokens, 1), ("pos", pos, -1), ("hidden", hidden, 1)):
+            d = dim % x.dim()
+            L = S // n
+            expect = torch.cat([x.narrow(d, i * L, L) for i in ids], dim=d)
+            local = shard(x, dim, None, layout)
+            res[f"{layout}/{name}/shard"] = bool(torch.equal(local, expect))
+            res[f"{layout}/{name}/unshard"] = bool(torch.equal(unshard(local, dim, None, layout), x))
+    return res
+
+
+def case_errors(c, seed):
+    """Each entry: the message of the ValueError raised, or 'no error'."""
+    from qwen3vl_flash.parallel import context_parallel_attn, shard
+
+    W = dist.get_world_size()
+    out = {}
+
+    def msg(fn):
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return "no error"
+
+    x = torch.zeros(1, 2 * W * 3 + W, 2)  # a multiple of W but not of 2W
+    out["shard_zigzag"] = msg(lambda: shard(x, 1, None, "zigzag"))
+    out["shard_contiguous"] = msg(lambda: shard(torch.zeros(1, W * 3 + 1, 2), 1, None, "contiguous"))
+    out["shard_contiguous_ok"] = msg(lambda: shard(x, 1, None, "contiguous"))
+    q = torch.randn(1, 5, 4, 8, dtype=torch.float64)  # odd local length: no zigzag halves
+    out["attn_odd_local"] = msg(lambda: context_parallel_attn(q, q, q, causal=True, layout="zigzag"))
+    q3 = torch.randn(1, 4, 3, 8, dtype=torch.float64)
+    out["ulysses_heads"] = msg(lambda: context_parallel_attn(q3, q3, q3, mode="ulysses"))
+    out["bad_mode"] = msg(lambda: context_parallel_attn(q3, q3, q3, mode="star"))
+    return out
+
+
+CASES = {"attn": case_attn, "shard": case_shard, "errors": case_errors}
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, cases) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    results = {}
+    try:
+        for c in cases:
+            seed = c["seed"] if "seed" in c else zlib.crc32(c["name"].encode())
+            try:
+                results[c["name"]] = CASES[c["kind"]](c, seed)
+            except Exception:
+                results[c["name"]] = {"error": traceback.format_exc()}
+        dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
