@@ -1,0 +1,487 @@
+"""Split-KV decoding (flash-decoding) for ``flash_attn_with_kvcache``: Triton kernels + launcher.
+
+Two launches per call, no host synchronisation (CUDA-graph capturable):
+
+1. ``_split_kernel``, grid (B * Hkv, num_splits). Program (b, kv head, split) takes *all* query
+   rows of its KV group -- the ``g = H // Hkv`` query heads times the ``Sq`` new tokens, packed as
+   ``BLOCK_M`` rows, row ``m`` = (token ``m // g``, head-in-group ``m % g``) -- and streams its
+   chunk of keys once (GQA packing: each K/V byte is read by one program). It writes a partial,
+   normalised output and its base-2 log-sum-exp in fp32. Split 0 of each (b, kv head) also copies
+   the new k/v rows into the cache at ``cache_seqlens[b]``; every program reads the new keys from
+   ``k``/``v`` themselves, so the cache rows being written are never read in the same launch.
+2. ``_merge_kernel``, grid (B * H * Sq,): combines the splits of one output row by their lse.
+
+Split layout (the same integer arithmetic in both kernels, ``_split_range``): batch ``b`` has
+``L = cache_seqlens[b] + Snew`` keys; the visible range starts at ``lo`` (0, or the sliding
+window's left edge for the first query) and is cut into chunks of
+``max(cdiv(L - lo, num_splits), min_chunk)`` keys rounded up to ``BLOCK_N``; splits past the last
+chunk exit at once. ``num_splits`` is chosen on the host from shapes and the SM count only
+(:func:`num_splits`); the chunk adapts on the device to each row's real length, so a ragged batch
+(or a StaticCache far longer than its content) spends its programs where the keys are.
+
+Masking follows ``qwen3vl_flash.reference``: query ``s`` sits at absolute position
+``s + L - Sq`` (bottom-right alignment), sees key ``j`` iff ``j <= pos + right`` (causal: right = 0)
+and ``j >= pos - left``. A row that sees no key gets output 0 and lse -inf.
+
+Tile data (block sizes, warps, the split heuristic) is a module-level table, overridable by
+``profile.triton["decode"]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+
+MAX_SQ = 16
+MAX_HEAD_DIM = 256
+
+DECODE_DEFAULTS: Dict[str, object] = {
+    # programs aimed at per SM: two resident CTAs (96 KiB of smem each at BLOCK_N=64, 3 stages,
+    # hd128) keep ~64 KiB of K/V loads in flight per SM, above the ~25 KiB that 3 TB/s x ~1 us needs
+    "waves": 2,
+    # a split streams at least this many keys ...
+    "min_chunk": 256,
+    # ... and at least this many per packed query row, so that the fp32 partials (written and
+    # read once: 8 bytes x D per row) stay under ~6% of the K/V bytes (4 bytes x D per key, bf16)
+    "min_chunk_per_row": 32,
+    "max_splits": 64,
+    # head_dim (padded to a power of two) -> keys per tile
+    "block_n": {16: 64, 32: 64, 64: 64, 128: 64, 256: 32},
+    "num_warps": 4,
+    "num_stages": 3,
+    "merge_num_warps": 4,
+}
+
+
+def _cfg(p) -> Dict[str, object]:
+    prof = getattr(p, "profile", None)
+    over = getattr(prof, "triton", None) or {}
+    over = over.get("decode") if isinstance(over, dict) else None
+    if not over:
+        return DECODE_DEFAULTS
+    cfg = dict(DECODE_DEFAULTS)
+    cfg.update(over)
+    return cfg
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# kernels (defined on first use: triton is optional, and TRITON_INTERPRET is read when they are)
+# --------------------------------------------------------------------------------------------
+
+tl = None  # triton.language, bound by _build_kernels (the kernels below read it as a global)
+
+# The kernels are plain functions here, wrapped by ``triton.jit`` on first use: triton decides at
+# decoration time whether to compile or interpret (TRITON_INTERPRET), and the kernels call each
+# other through this module's globals, which _build_kernels points at the wrapped versions.
+
+def _split_range(seqlen, num_splits, win_left, SQ: tl.constexpr, HAS_LEFT: tl.constexpr,
+                 MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    # first visible key: the window's left edge as seen by query 0 (later queries see less)
+    lo = seqlen * 0
+    if HAS_LEFT:
+        lo = tl.maximum(seqlen - SQ - win_left, 0)
+    n = seqlen - lo
+    chunk = tl.maximum(tl.cdiv(n, num_splits), MIN_CHUNK)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    return lo, chunk, tl.cdiv(n, chunk)
+
+def _row_offsets(pos, b, BT, stride_btb, stride_b, stride_s, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                 mask):
+    # int64: a (B, 128k, 8, 128) cache already holds 2^30 elements
+    pos = pos.to(tl.int64)
+    if PAGED:
+        page = tl.load(BT + b * stride_btb + pos // PAGE_SIZE, mask=mask, other=0).to(tl.int64)
+        return page * stride_b + (pos % PAGE_SIZE) * stride_s
+    else:
+        return b.to(tl.int64) * stride_b + pos * stride_s
+
+def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    # -- scores of the packed query rows against one key tile, in log2 units (scaled in fp32,
+    # not by rounding a scaled q back to bf16). DOT_F32: the interpreter (triton 3.9) multiplies
+    # bf16 tiles wrongly, so there the operands are widened (same products, fp32 sums as on GPU)
+    if DOT_F32:
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    qk = qk * scale_log2  # (BLOCK_M, BLOCK_N) fp32
+    visible = kmask[None, :]
+    if HAS_RIGHT:
+        visible = visible & (j[None, :] <= qpos[:, None] + win_right)
+    if HAS_LEFT:
+        visible = visible & (j[None, :] >= qpos[:, None] - win_left)
+    qk = tl.where(visible, qk, float("-inf"))
+    # -- update m_i and l_i (a row with nothing visible yet keeps m = -inf; exp2 uses 0 then)
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # -- update the output accumulator
+    p = p.to(v.dtype)  # P in the input dtype, as FA2
+    if DOT_F32:
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+    return m_new, l_i, acc
+
+def _split_kernel(
+    Q, K, V, KN, VN, SEQLENS, BT, O_PART, LSE_PART,
+    scale_log2, num_splits, snew, cap, win_left, win_right,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_knb, stride_kns, stride_knh,
+    stride_vnb, stride_vns, stride_vnh,
+    stride_btb,
+    HKV: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    MIN_CHUNK: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= GROUP * SQ)
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    # lengths clamped to the cache capacity: overflow is rejected by the caller, except during
+    # CUDA-graph capture, and even then nothing is written or read outside a cache row
+    cache_len = tl.minimum(tl.load(SEQLENS + b), cap)
+    seqlen = tl.minimum(cache_len + snew, cap)
+
+    # -- append the new k/v rows (split 0 only); other programs never read these cache rows
+    if split == 0:
+        for t0 in range(0, snew, BLOCK_N):
+            t = t0 + offs_n
+            pos = cache_len + t
+            ok = (t < snew) & (pos < cap)
+            m2 = ok[:, None] & d_mask[None, :]
+            src = b.to(tl.int64) * stride_knb + t.to(tl.int64) * stride_kns + hkv * stride_knh
+            kn = tl.load(KN + src[:, None] + offs_d[None, :], mask=m2)
+            src = b.to(tl.int64) * stride_vnb + t.to(tl.int64) * stride_vns + hkv * stride_vnh
+            vn = tl.load(VN + src[:, None] + offs_d[None, :], mask=m2)
+            row_k = _row_offsets(pos, b, BT, stride_btb, stride_kb, stride_ks, PAGED, PAGE_SIZE, ok)
+            row_v = _row_offsets(pos, b, BT, stride_btb, stride_vb, stride_vs, PAGED, PAGE_SIZE, ok)
+            tl.store(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], kn, mask=m2)
+            tl.store(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], vn, mask=m2)
+
+    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
+    if split >= n_used:
+        return
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, seqlen)
+
+    # -- the packed query rows of this KV group, scale and log2(e) folded in once
+    offs_m = tl.arange(0, BLOCK_M)
+    s_idx = offs_m // GROUP
+    h_idx = hkv * GROUP + offs_m % GROUP
+    m_mask = offs_m < GROUP * SQ
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + s_idx[:, None] * stride_qs + h_idx[:, None] * stride_qh
+    q = tl.load(q_ptrs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    qpos = s_idx + seqlen - SQ  # absolute position of each row's query (bottom-right aligned)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # -- keys already in the cache
+    cache_end = tl.minimum(end, cache_len)
+    for j0 in range(start, cache_end, BLOCK_N):
+        j = j0 + offs_n
+        kmask = j < cache_end
+        m2 = kmask[:, None] & d_mask[None, :]
+        row_k = _row_offsets(j, b, BT, stride_btb, stride_kb, stride_ks, PAGED, PAGE_SIZE, kmask)
+        row_v = _row_offsets(j, b, BT, stride_btb, stride_vb, stride_vs, PAGED, PAGE_SIZE, kmask)
+        k = tl.load(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], mask=m2, other=0.0)
+        v = tl.load(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], mask=m2, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_right,
+                                HAS_LEFT, HAS_RIGHT, PREC, DOT_F32)
+
+    # -- the new keys, read from k/v (split 0 is copying them into the cache meanwhile)
+    for j0 in range(tl.maximum(start, cache_len), end, BLOCK_N):
+        j = j0 + offs_n
+        kmask = j < end
+        m2 = kmask[:, None] & d_mask[None, :]
+        t = (j - cache_len).to(tl.int64)
+        src = b.to(tl.int64) * stride_knb + t * stride_kns + hkv * stride_knh
+        k = tl.load(KN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
+        src = b.to(tl.int64) * stride_vnb + t * stride_vns + hkv * stride_vnh
+        v = tl.load(VN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_right,
+                                HAS_LEFT, HAS_RIGHT, PREC, DOT_F32)
+
+    # -- partial output (normalised) and its base-2 lse; layout (B, H, SQ, num_splits, ...)
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    row = ((b * (HKV * GROUP) + h_idx) * SQ + s_idx) * num_splits + split
+    tl.store(LSE_PART + row, lse2, mask=m_mask)
+    tl.store(O_PART + row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], o,
+             mask=m_mask[:, None] & d_mask[None, :])
+
+def _merge_kernel(
+    O_PART, LSE_PART, SEQLENS, OUT, LSE,
+    num_splits, snew, cap, win_left,
+    stride_ob, stride_os, stride_oh,
+    H: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, HAS_LEFT: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0)  # (b * H + h) * SQ + s: also the index into lse (B, H, SQ)
+    b = row // (H * SQ)
+    h = (row // SQ) % H
+    s = row % SQ
+    cache_len = tl.minimum(tl.load(SEQLENS + b), cap)
+    seqlen = tl.minimum(cache_len + snew, cap)
+    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < n_used
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+    # -- out = sum_i exp2(lse_i - m) o_i / sum_i exp2(lse_i - m); all -inf (no key seen): 0, -inf
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    w_sum = tl.sum(w, 0)
+    o = tl.load(O_PART + (row.to(tl.int64) * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    inv = 1.0 / tl.where(w_sum == 0.0, 1.0, w_sum)
+    out = tl.sum(o * w[:, None], 0) * inv
+    out_ptrs = OUT + b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh + offs_d
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + row, tl.where(w_sum == 0.0, float("-inf"), (m_safe + tl.log2(w_sum)) * 0.6931471805599453))
+
+
+_JIT_NAMES = ("_split_range", "_row_offsets", "_attend", "_split_kernel", "_merge_kernel")
+_RAW = {name: globals()[name] for name in _JIT_NAMES}
+_KERNELS: Dict[bool, Dict[str, object]] = {}
+
+
+def _build_kernels() -> Dict[str, object]:
+    global tl
+    from .._optional import require
+
+    triton = require("triton", "the Triton decode path")
+    tl = require("triton.language", "the Triton decode path")
+    return {name: triton.jit(fn) for name, fn in _RAW.items()}
+
+
+def _kernels():
+    mode = _interpret()
+    ks = _KERNELS.get(mode)
+    if ks is None:
+        ks = _KERNELS[mode] = _build_kernels()
+    if globals()["_split_kernel"] is not ks["_split_kernel"]:  # (re)point the kernels' globals
+        globals().update(ks)
+    return ks["_split_kernel"], ks["_merge_kernel"]
+
+
+# --------------------------------------------------------------------------------------------
+# heuristics and checks
+# --------------------------------------------------------------------------------------------
+
+_NUM_SMS: Dict[object, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    n = _NUM_SMS.get(device)
+    if n is None:
+        if device.type == "cuda":
+            n = torch.cuda.get_device_properties(device).multi_processor_count
+        else:  # the interpreter: a small "chip" so that tests still see several splits
+            n = 4
+        _NUM_SMS[device] = n
+    return n
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def num_splits(num_kv_heads: int, capacity: int, rows: int, num_sms: int, cfg: Dict[str, object] = DECODE_DEFAULTS) -> int:
+    """How many programs may share one (batch row, kv head): from shapes and the SM count only.
+
+    Aimed at ``waves * num_sms`` programs for a *single* long row, whatever the batch size: a
+    ragged batch's longest row must be spread over the whole chip, while short rows use fewer
+    splits on the device (each chunk has at least ``min_chunk`` keys). ``capacity`` (the cache
+    length, or pages x page size) bounds the useful number, ``max_splits`` the merge's width.
+    """
+    min_chunk = max(int(cfg["min_chunk"]), int(cfg["min_chunk_per_row"]) * rows)
+    want = math.ceil(int(cfg["waves"]) * num_sms / max(1, num_kv_heads))
+    return max(1, min(int(cfg["max_splits"]), want, math.ceil(max(1, capacity) / min_chunk)))
+
+
+def decode_check(q: torch.Tensor, k_cache: torch.Tensor, p) -> Optional[str]:
+    """None if :func:`decode_attention` can serve this call, else a short reason."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    if q.device.type == "cuda":
+        if torch.cuda.get_device_capability(q.device) < (8, 0):
+            return "the Triton decode kernels need compute capability >= 8.0"
+    elif not (q.device.type == "cpu" and _interpret()):
+        return f"{q.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    if q.dim() != 4 or not 1 <= q.shape[1] <= MAX_SQ:
+        return f"the decode path takes 1..{MAX_SQ} query tokens, got {q.shape[1] if q.dim() == 4 else q.shape}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if k_cache.stride(-1) != 1:
+        return "k_cache must be contiguous in head_dim (stride(-1) == 1)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+_PLANS: Dict[tuple, tuple] = {}
+
+
+def _plan(q, k_cache, snew, p, paged, block_table):
+    B, Sq, H, D = q.shape
+    Hkv = k_cache.shape[2]
+    group = H // Hkv
+    cfg = _cfg(p)
+    rows = group * Sq
+    block_d = max(16, _next_pow2(D))
+    block_n = int(cfg["block_n"].get(block_d, 32))
+    page_size = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    ns = num_splits(Hkv, capacity, rows, _num_sms(q.device), cfg)
+    min_chunk = max(int(cfg["min_chunk"]), int(cfg["min_chunk_per_row"]) * rows)
+    min_chunk = -(-min_chunk // block_n) * block_n
+    left, right = p.window_size
+    if p.causal:
+        right = 0 if right < 0 else min(right, 0)
+    has_left = left >= 0
+    has_right = 0 <= right < Sq - 1  # right >= Sq - 1 hides no key of the L visible ones
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    common = dict(HAS_LEFT=has_left, MIN_CHUNK=min_chunk, BLOCK_N=block_n)
+    split_meta = dict(
+        HKV=Hkv, GROUP=group, SQ=Sq, HEAD_DIM=D, BLOCK_M=max(16, _next_pow2(rows)), BLOCK_D=block_d,
+        PAGED=paged, PAGE_SIZE=page_size, HAS_RIGHT=has_right, PREC=prec, DOT_F32=q.device.type == "cpu",
+        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **common,
+    )
+    merge_meta = dict(H=H, SQ=Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(ns)),
+                      num_warps=int(cfg["merge_num_warps"]), **common)
+    scalars = (p.softmax_scale * LOG2E, ns, capacity, max(left, 0), max(right, 0))
+    return ((B * Hkv, ns), (B * H * Sq,), ns, capacity, scalars, split_meta, merge_meta, p.profile)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
+    cache_seqlens: torch.Tensor,
+    p,
+    block_table: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Append k/v to the cache in place, then attend q to the ``cache_seqlens[b] + Snew`` keys.
+
+    Args:
+        q: (B, Sq, H, D), Sq <= 16, fp16/bf16/fp32; H % Hkv == 0 (query head h reads kv head h // (H // Hkv)).
+        k_cache, v_cache: (B, Smax, Hkv, D), or paged (num_pages, page_size, Hkv, D) with
+            ``block_table`` int32 (B, max_pages): key j of batch b lives in page
+            ``block_table[b, j // page_size]``, row ``j % page_size``.
+        k, v: (B, Snew, Hkv, D) or None; written at rows cache_seqlens[b] .. + Snew - 1.
+        cache_seqlens: int32 (B,) valid lengths *before* the append (device tensor).
+        p: AttnParams (softmax_scale, causal: bottom-right aligned, window_size, profile).
+
+    Returns:
+        out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 (-inf and output 0 for a row with
+        no visible key).
+
+    Inputs are expected validated by ``interface.flash_attn_with_kvcache`` (overflow included);
+    this function reads no tensor values on the host, so it can be captured in a CUDA graph.
+    """
+    split_kernel, merge_kernel = _kernels()
+    paged = block_table is not None
+    snew = 0 if k is None else k.shape[1]
+    key = (q.shape, q.dtype, q.device, k_cache.shape, snew, p.causal, p.window_size, p.softmax_scale,
+           id(p.profile), None if block_table is None else block_table.shape)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if paged:
+            _check_block_table(block_table, q, k_cache)
+        plan = _PLANS[key] = _plan(q, k_cache, snew, p, paged, block_table)
+    grid1, grid2, ns, capacity, scalars, split_meta, merge_meta, _ = plan
+    B, Sq, H, D = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k is None:  # never read (snew = 0); any valid pointer with unit last stride will do
+        k = v = k_cache
+    elif k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, H, Sq, ns), dtype=torch.float32, device=q.device)
+    o_part = torch.empty((B, H, Sq, ns, D), dtype=torch.float32, device=q.device)
+    bt = block_table if paged else cache_seqlens
+    sq, sk, sv, skn, svn = q.stride(), k_cache.stride(), v_cache.stride(), k.stride(), v.stride()
+    split_kernel[grid1](
+        q, k_cache, v_cache, k, v, cache_seqlens, bt, o_part, lse_part,
+        scalars[0], ns, snew, capacity, scalars[3], scalars[4],
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        skn[0], skn[1], skn[2], svn[0], svn[1], svn[2],
+        bt.stride(0) if paged else 0,
+        **split_meta,
+    )
+    merge_kernel[grid2](
+        o_part, lse_part, cache_seqlens, out, lse,
+        ns, snew, capacity, scalars[3],
+        H * D * Sq, H * D, D,
+        **merge_meta,
+    )
+    return out, lse
+
+
+def _check_block_table(block_table, q, k_cache) -> None:
+    """Shape/dtype checks of a paged layout (no value reads: those would synchronise)."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be an int32 tensor (B, max_pages), got {getattr(block_table, 'dtype', type(block_table))}")
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table must have shape (B={q.shape[0]}, max_pages), got {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table must be contiguous along max_pages")
+
+
+def check_block_table_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, snew: int, num_pages: int,
+                             page_size: int) -> None:
+    """Value checks of a paged layout (synchronises: call outside CUDA-graph capture).
+
+    Every page a row uses -- the first ``cdiv(cache_seqlens[b] + snew, page_size)`` entries of
+    ``block_table[b]`` -- must index an existing page, and the row must fit its table.
+    """
+    lens = cache_seqlens.long() + snew
+    used = (lens + page_size - 1) // page_size  # pages per row
+    if int(used.max()) > block_table.shape[1] if used.numel() else False:
+        raise ValueError(
+            f"cache overflow: cache_seqlens + Snew ({int(lens.max())}) exceeds block_table's "
+            f"{block_table.shape[1]} pages x page_size {page_size}"
+        )
+    live = torch.arange(block_table.shape[1], device=block_table.device).unsqueeze(0) < used.unsqueeze(1)
+    vals = block_table[live]
+    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_pages):
+        raise ValueError(
+            f"block_table holds page indices outside [0, {num_pages}) (min {int(vals.min())}, max {int(vals.max())})"
+        )
