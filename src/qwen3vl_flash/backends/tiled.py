@@ -10,9 +10,10 @@ GQA: the ``g = H // Hkv`` query heads sharing a KV head are folded into the quer
 (``(B, Sq, H, D) -> (B*Hkv, Sq*g, D)``, row ``r`` is query ``r // g``), so each K/V tile is
 multiplied once per group and never repeated in memory.
 
-Numerics (as FA2): matmuls run in the input dtype (fp32 accumulation inside the BLAS), the
-softmax and all accumulators in float32 (float64 for float64 inputs). The softmax scale and
-log2(e) are folded into Q once, so the inner loop uses ``exp2``.
+Numerics (as FA2): matmuls run in the input dtype (fp32 accumulation inside the BLAS), P is
+cast to the input dtype for P @ V, accumulators and lse are float32 (float64 for float64
+inputs). The softmax scale is folded into Q once (and log2(e) too in the backward, which then
+uses ``exp2``).
 """
 
 from __future__ import annotations
@@ -109,43 +110,62 @@ def _scores(qb: torch.Tensor, kb: torch.Tensor, acc: torch.dtype, mask: Optional
     return s
 
 
+def _softmax_tile(s: torch.Tensor, masked: bool) -> torch.Tensor:
+    """Row softmax of a score tile in its own dtype (one fused pass; rows of only -inf give 0)."""
+    if masked:
+        return torch._safe_softmax(s, -1) if hasattr(torch, "_safe_softmax") else torch.softmax(s, -1).nan_to_num_(0.0)
+    return torch.softmax(s, -1)
+
+
 def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, block_n: int):
-    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq)."""
+    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, H, D), lse (B, H, Sq).
+
+    Each key tile is reduced to a normalised partial result (P_t V_t, lse_t) with PyTorch's fused
+    softmax (one pass over the tile instead of max / subtract / exp / sum), and partial results
+    are merged by lse in float32, the same merge context parallelism uses across devices. The
+    tile's row sum comes for free: the largest softmax entry of a row is exp(0) / l = 1 / l.
+    """
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     g = H // Hkv
     acc_t = lse_dtype(q.dtype)
-    qf = _fold(q * (scale * LOG2E), Hkv)  # (BH, R, D), scale and log2(e) folded in once
+    qf = _fold(q * scale, Hkv)  # (BH, R, D), softmax scale folded in once
     kh, vh = _kv_heads_first(k), _kv_heads_first(v)
     BH, R = qf.shape[0], qf.shape[1]
     out = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
-    lse2 = torch.empty(BH, R, dtype=acc_t, device=q.device)
+    lse_rows = torch.empty(BH, R, dtype=acc_t, device=q.device)
     tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device)
+    ninf = float("-inf")
     for r0 in range(0, R, block_m):
         r1 = min(r0 + block_m, R)
         qb = qf[:, r0:r1]
-        m = torch.full((BH, r1 - r0), float("-inf"), dtype=acc_t, device=q.device)
-        l = torch.zeros(BH, r1 - r0, dtype=acc_t, device=q.device)
-        acc = torch.zeros(BH, r1 - r0, D, dtype=acc_t, device=q.device)
+        acc = lse = None
         for c0, c1, mask in tiling.tiles(r0, r1):
-            s = _scores(qb, kh[:, c0:c1], acc_t, mask)
-            # -- update m_i and l_i; rows with no visible key yet keep m = -inf (use 0 as pivot)
-            m_new = torch.maximum(m, s.amax(-1))
-            pivot = m_new if mask is None else m_new.masked_fill(m_new == float("-inf"), 0.0)
-            s.sub_(pivot.unsqueeze(-1)).exp2_()  # s becomes P~ (unnormalised probabilities)
-            alpha = torch.exp2(m - pivot)
-            l.mul_(alpha).add_(s.sum(-1))
-            acc.mul_(alpha.unsqueeze(-1))
-            vb = vh[:, c0:c1]
-            if vb.dtype == acc_t:
-                acc.baddbmm_(s, vb)
-            else:
-                acc.add_(torch.bmm(s.to(vb.dtype), vb))
-            m = m_new
-        empty = l == 0  # rows that saw no key: output 0, lse -inf
-        out[:, r0:r1] = (acc / l.masked_fill(empty, 1.0).unsqueeze(-1)).to(q.dtype)
-        lse2[:, r0:r1] = torch.where(empty, float("-inf"), m + torch.log2(l.masked_fill(empty, 1.0)))
-    lse = (lse2 * LN2).view(B, Hkv, Sq, g).transpose(2, 3).reshape(B, H, Sq)
+            s = torch.bmm(qb, kh[:, c0:c1].transpose(1, 2))  # (BH, rows, cols), input dtype
+            if mask is not None:
+                s.masked_fill_(mask, ninf)
+            m_t = s.amax(-1).to(acc_t)
+            p = _softmax_tile(s, mask is not None)
+            # lse_t = m_t + log(l_t), with 1 / l_t = max_j p_j; rows with no key: -inf
+            lse_t = m_t - torch.log(p.amax(-1).to(acc_t))
+            if mask is not None:
+                lse_t.masked_fill_(torch.isneginf(m_t), ninf)
+            pv = torch.bmm(p, vh[:, c0:c1]).to(acc_t)
+            if acc is None:
+                acc, lse = pv, lse_t
+                continue
+            # -- merge (acc, lse) with (pv, lse_t); a pivot of 0 keeps rows with two -inf finite
+            new = torch.logaddexp(lse, lse_t)
+            pivot = new.masked_fill(torch.isneginf(new), 0.0)
+            acc.mul_(torch.exp(lse - pivot).unsqueeze(-1)).add_(pv.mul_(torch.exp(lse_t - pivot).unsqueeze(-1)))
+            lse = new
+        if acc is None:  # this row tile sees no key at all
+            out[:, r0:r1] = 0
+            lse_rows[:, r0:r1] = ninf
+        else:
+            out[:, r0:r1] = acc
+            lse_rows[:, r0:r1] = lse
+    lse = lse_rows.view(B, Hkv, Sq, g).transpose(2, 3).reshape(B, H, Sq)
     return _unfold(out, B, Sq, H), lse
 
 
