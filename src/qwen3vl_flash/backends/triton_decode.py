@@ -262,7 +262,8 @@ def _merge_kernel(
     out = tl.sum(o * w[:, None], 0) * inv
     out_ptrs = OUT + b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh + offs_d
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    tl.store(LSE + row, tl.where(w_sum == 0.0, float("-inf"), (m_safe + tl.log2(w_sum)) * 0.6931471805599453))
+    lse_out = (m_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) * 0.6931471805599453  # ln 2: base 2 -> e
+    tl.store(LSE + row, tl.where(w_sum == 0.0, float("-inf"), lse_out))
 
 
 _JIT_NAMES = ("_split_range", "_row_offsets", "_attend", "_split_kernel", "_merge_kernel")
@@ -381,7 +382,9 @@ def _plan(q, k_cache, snew, p, paged, block_table):
     merge_meta = dict(H=H, SQ=Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(ns)),
                       num_warps=int(cfg["merge_num_warps"]), **common)
     scalars = (p.softmax_scale * LOG2E, ns, capacity, max(left, 0), max(right, 0))
-    return ((B * Hkv, ns), (B * H * Sq,), ns, capacity, scalars, split_meta, merge_meta, p.profile)
+    # tests: NaN-fill every buffer the kernels must write, so an element they skip fails
+    poison = os.environ.get("QWEN3VL_FLASH_TRITON_POISON", "0") == "1"
+    return ((B * Hkv, ns), (B * H * Sq,), ns, capacity, scalars, split_meta, merge_meta, poison, p.profile)
 
 
 def decode_attention(
@@ -422,7 +425,7 @@ def decode_attention(
         if paged:
             _check_block_table(block_table, q, k_cache)
         plan = _PLANS[key] = _plan(q, k_cache, snew, p, paged, block_table)
-    grid1, grid2, ns, capacity, scalars, split_meta, merge_meta, _ = plan
+    grid1, grid2, ns, capacity, scalars, split_meta, merge_meta, poison, _ = plan
     B, Sq, H, D = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -434,6 +437,9 @@ def decode_attention(
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((B, H, Sq, ns), dtype=torch.float32, device=q.device)
     o_part = torch.empty((B, H, Sq, ns, D), dtype=torch.float32, device=q.device)
+    if poison:
+        for t in (out, lse, lse_part, o_part):
+            t.fill_(float("nan"))
     bt = block_table if paged else cache_seqlens
     sq, sk, sv, skn, svn = q.stride(), k_cache.stride(), v_cache.stride(), k.stride(), v.stride()
     split_kernel[grid1](

@@ -1,0 +1,260 @@
+"""Split-KV Triton decode (``backends/triton_decode.py``) under Triton's CPU interpreter.
+
+Rule (flash-attn's): max|out - ref| <= 2 * max|out_lowprec_torch - ref| + atol, ref in float64
+over the keys each batch row really has (cache prefix + appended rows), the low-precision baseline
+``attention_ref(..., upcast=False)``. Outputs are NaN-poisoned before the kernels run
+(QWEN3VL_FLASH_TRITON_POISON=1), so an unwritten element fails. Every case also checks the cache:
+the appended rows hold k/v, and every other element is bitwise what it was.
+
+Small profiles (``min_chunk`` 16, ``block_n`` 16) force several splits per row at these lengths,
+so the lse merge, empty splits and chunks that straddle the cache/new-key boundary are exercised.
+"""
+
+import os
+
+# the interpreter is chosen when the kernels are jit-wrapped: before their first use
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["QWEN3VL_FLASH_TRITON_POISON"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qwen3vl_flash.backends.base import AttnParams  # noqa: E402
+from qwen3vl_flash.hardware.profiles import PROFILES  # noqa: E402
+from qwen3vl_flash.reference import attention_ref  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed")
+from qwen3vl_flash.backends import triton_decode as td  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to something other than 1"
+)
+
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+# splits of 16 keys (several per row at these lengths), 16-key tiles
+SMALL = PROFILES["generic-cpu"].replace(
+    triton={"decode": {"min_chunk": 16, "min_chunk_per_row": 1, "block_n": {64: 16, 128: 16, 256: 16}}}
+)
+DEFAULT = PROFILES["generic-cpu"]
+
+
+def _fresh(shape, dtype):
+    return torch.randn(shape, dtype=torch.float32).to(dtype)
+
+
+def _params(D, causal=True, window=(-1, -1), profile=SMALL, scale=None):
+    return AttnParams(1.0 / math.sqrt(D) if scale is None else scale, causal, window, profile=profile)
+
+
+def _check_rule(name, out, ref, low, atol):
+    ninf = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(out), ninf), f"{name}: -inf in the wrong places"
+    assert torch.isfinite(out[~ninf]).all(), f"{name}: NaN/inf (unwritten element?)"
+    err = (out[~ninf].double() - ref[~ninf].double()).abs().max().item() if (~ninf).any() else 0.0
+    base = (low[~ninf].double() - ref[~ninf].double()).abs().max().item() if (~ninf).any() else 0.0
+    assert err <= 2 * base + atol, f"{name}: err {err:.3g} > 2 * torch's {base:.3g} + {atol}"
+
+
+def _check_decode(q, kc0, vc0, kn, vn, seqlens, out, lse, causal=True, window=(-1, -1)):
+    """Compare (out, lse) per batch row with the reference over that row's keys."""
+    B, Sq, H, D = q.shape
+    for b in range(B):
+        c = int(seqlens[b])
+        keys = [kc0[b, :c]] + ([kn[b]] if kn is not None else [])
+        vals = [vc0[b, :c]] + ([vn[b]] if vn is not None else [])
+        k = torch.cat(keys).unsqueeze(0)
+        v = torch.cat(vals).unsqueeze(0)
+        qb = q[b : b + 1]
+        if k.shape[1] == 0:  # nothing to attend to
+            assert torch.equal(out[b], torch.zeros_like(out[b])), f"row {b}: output of an empty row must be 0"
+            assert torch.isneginf(lse[b]).all(), f"row {b}: lse of an empty row must be -inf"
+            continue
+        ref, ref_lse = attention_ref(qb.double(), k.double(), v.double(), causal=causal, window_size=window,
+                                     return_lse=True)
+        low, low_lse = attention_ref(qb, k, v, causal=causal, window_size=window, upcast=False, return_lse=True)
+        atol = ATOL[q.dtype]
+        _check_rule(f"row {b} out", out[b : b + 1], ref, low, atol)
+        _check_rule(f"row {b} lse", lse[b : b + 1], ref_lse, low_lse, 10 * atol)
+
+
+def _check_cache(kc, vc, kc0, vc0, kn, vn, seqlens):
+    """Appended rows hold k/v; every other element is bitwise untouched."""
+    exp_k, exp_v = kc0.clone(), vc0.clone()
+    if kn is not None:
+        for b in range(kc.shape[0]):
+            c = int(seqlens[b])
+            exp_k[b, c : c + kn.shape[1]] = kn[b]
+            exp_v[b, c : c + vn.shape[1]] = vn[b]
+    assert torch.equal(kc, exp_k), "k_cache: wrong append or an element outside the appended rows changed"
+    assert torch.equal(vc, exp_v), "v_cache: wrong append or an element outside the appended rows changed"
+
+
+def _run_case(B, Sq, H, Hkv, D, Smax, snew, lens, dtype, causal=True, window=(-1, -1), profile=SMALL):
+    q = _fresh((B, Sq, H, D), dtype)
+    kc, vc = _fresh((B, Smax, Hkv, D), dtype), _fresh((B, Smax, Hkv, D), dtype)
+    kn = _fresh((B, snew, Hkv, D), dtype) if snew else None
+    vn = _fresh((B, snew, Hkv, D), dtype) if snew else None
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    kc0, vc0 = kc.clone(), vc.clone()
+    p = _params(D, causal, window, profile)
+    assert td.decode_check(q, kc, p) is None
+    out, lse = td.decode_attention(q, kc, vc, kn, vn, seqlens, p)
+    assert out.shape == (B, Sq, H, D) and out.dtype == dtype
+    assert lse.shape == (B, H, Sq) and lse.dtype == torch.float32
+    _check_cache(kc, vc, kc0, vc0, kn, vn, seqlens)
+    _check_decode(q, kc0, vc0, kn, vn, seqlens, out, lse, causal, window)
+    return out, lse
+
+
+# (B, Sq, H, Hkv, D, Smax, Snew, cache_seqlens, dtype)
+CASES = [
+    pytest.param(4, 1, 8, 2, 64, 80, 1, [0, 1, 37, 79], torch.bfloat16, id="ragged-incl0-snew1-gqa4-hd64-bf16"),
+    pytest.param(3, 4, 8, 2, 128, 70, 4, [0, 17, 66], torch.float16, id="ragged-incl0-snew4-sq4-gqa4-hd128-fp16"),
+    pytest.param(2, 4, 8, 2, 64, 64, 4, [3, 40], torch.bfloat16, id="sq4-snew4-bf16"),
+    pytest.param(2, 1, 4, 1, 64, 50, 0, [0, 45], torch.float16, id="no-append-mqa-incl0-fp16"),
+    pytest.param(2, 3, 6, 2, 72, 40, 2, [5, 30], torch.bfloat16, id="hd72-gqa3-sq3-snew2-bf16"),
+    pytest.param(2, 2, 4, 2, 64, 48, 2, [9, 33], torch.float32, id="fp32-ieee"),
+]
+
+
+@pytest.mark.parametrize("B,Sq,H,Hkv,D,Smax,snew,lens,dtype", CASES)
+def test_decode_matches_reference(B, Sq, H, Hkv, D, Smax, snew, lens, dtype):
+    _run_case(B, Sq, H, Hkv, D, Smax, snew, lens, dtype)
+
+
+def test_decode_default_profile_one_split():
+    """The shipped table (256-key chunks): one split per row here, merge of one partial."""
+    _run_case(3, 1, 8, 2, 64, 96, 1, [0, 20, 95], torch.bfloat16, profile=DEFAULT)
+
+
+def test_decode_causal_more_queries_than_keys():
+    """Sq > keys: the first queries see nothing (bottom-right): zeros and lse -inf there."""
+    out, lse = _run_case(2, 6, 4, 2, 64, 32, 2, [1, 0], torch.bfloat16)
+    # row 1 has 2 keys: queries 0..3 see none
+    assert torch.isneginf(lse[1, :, :4]).all() and torch.equal(out[1, :4], torch.zeros_like(out[1, :4]))
+
+
+@pytest.mark.parametrize("window", [(8, -1), (3, 0), (5, 2)], ids=["left8", "left3-right0", "left5-right2"])
+def test_decode_sliding_window(window):
+    _run_case(2, 4, 8, 2, 64, 72, 4, [20, 64], torch.bfloat16, window=window)
+
+
+def test_decode_non_causal():
+    _run_case(2, 4, 4, 2, 64, 40, 4, [10, 30], torch.float16, causal=False)
+
+
+def test_paged_equals_contiguous():
+    """A paged cache (shuffled pages of 16 rows) gives bitwise the contiguous result and append."""
+    B, Sq, H, Hkv, D, page, pages_per_row = 3, 2, 8, 2, 64, 16, 5
+    Smax, snew, dtype = page * pages_per_row, 2, torch.bfloat16
+    q = _fresh((B, Sq, H, D), dtype)
+    kc, vc = _fresh((B, Smax, Hkv, D), dtype), _fresh((B, Smax, Hkv, D), dtype)
+    kn, vn = _fresh((B, snew, Hkv, D), dtype), _fresh((B, snew, Hkv, D), dtype)
+    seqlens = torch.tensor([0, 31, 78], dtype=torch.int32)
+    num_pages = B * pages_per_row + 3  # spare pages that must stay untouched
+    perm = torch.randperm(num_pages)[: B * pages_per_row]
+    block_table = perm.view(B, pages_per_row).to(torch.int32)
+    kp, vp = _fresh((num_pages, page, Hkv, D), dtype), _fresh((num_pages, page, Hkv, D), dtype)
+    kp.view(num_pages, -1)[perm.long()] = kc.reshape(B * pages_per_row, -1)
+    vp.view(num_pages, -1)[perm.long()] = vc.reshape(B * pages_per_row, -1)
+    kp0, vp0 = kp.clone(), vp.clone()
+    kc0, vc0 = kc.clone(), vc.clone()
+    p = _params(D)
+    out_c, lse_c = td.decode_attention(q, kc, vc, kn, vn, seqlens, p)
+    out_p, lse_p = td.decode_attention(q, kp, vp, kn, vn, seqlens, p, block_table=block_table)
+    assert torch.equal(out_p, out_c) and torch.equal(lse_p, lse_c)
+    # the paged cache, read back in row order, equals the appended contiguous cache ...
+    assert torch.equal(kp.view(num_pages, -1)[block_table.view(-1).long()].view_as(kc), kc)
+    assert torch.equal(vp.view(num_pages, -1)[block_table.view(-1).long()].view_as(vc), vc)
+    # ... and pages no row owns are untouched
+    spare = torch.ones(num_pages, dtype=torch.bool)
+    spare[perm] = False
+    assert torch.equal(kp[spare], kp0[spare]) and torch.equal(vp[spare], vp0[spare])
+    _check_decode(q, kc0, vc0, kn, vn, seqlens, out_c, lse_c)
+
+
+def test_block_table_checks():
+    q = _fresh((2, 1, 4, 16), torch.float16)
+    kp = _fresh((6, 16, 2, 16), torch.float16)
+    seqlens = torch.tensor([3, 20], dtype=torch.int32)
+    p = _params(16, profile=PROFILES["generic-cpu"].replace(name="bt-check"))
+    with pytest.raises(TypeError, match="block_table"):
+        td.decode_attention(q, kp, kp.clone(), None, None, seqlens, p, block_table=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="block_table"):
+        td.decode_attention(q, kp, kp.clone(), None, None, seqlens, p,
+                            block_table=torch.zeros(3, 3, dtype=torch.int32))
+    bt = torch.tensor([[0, 1], [2, 6]], dtype=torch.int32)  # page 6 does not exist
+    with pytest.raises(ValueError, match="page indices"):
+        td.check_block_table_values(bt, seqlens, 1, num_pages=6, page_size=16)
+    with pytest.raises(ValueError, match="overflow"):
+        td.check_block_table_values(bt, torch.tensor([3, 32], dtype=torch.int32), 1, num_pages=6, page_size=16)
+    td.check_block_table_values(torch.tensor([[0, 1], [2, 5]], dtype=torch.int32), seqlens, 1, 6, 16)
+
+
+def test_overflow_never_writes_outside_the_cache():
+    """Lengths past Smax (what only an unchecked CUDA-graph replay could pass) are clamped: the
+    kernels write nothing past the cache and produce finite output over the clamped keys."""
+    B, Hkv, D, Smax = 2, 2, 64, 32
+    buf = _fresh((B, Smax + 8, Hkv, D), torch.bfloat16)  # guard rows after each batch row's cache
+    kc = buf[:, :Smax]
+    vbuf = _fresh((B, Smax + 8, Hkv, D), torch.bfloat16)
+    vc = vbuf[:, :Smax]
+    buf0, vbuf0 = buf.clone(), vbuf.clone()
+    q = _fresh((B, 1, 4, D), torch.bfloat16)
+    kn, vn = _fresh((B, 3, Hkv, D), torch.bfloat16), _fresh((B, 3, Hkv, D), torch.bfloat16)
+    seqlens = torch.tensor([31, 40], dtype=torch.int32)  # 31 + 3 > 32; 40 > 32
+    out, lse = td.decode_attention(q, kc, vc, kn, vn, seqlens, _params(D))
+    assert torch.equal(buf[:, Smax:], buf0[:, Smax:]) and torch.equal(vbuf[:, Smax:], vbuf0[:, Smax:])
+    assert torch.equal(buf[1], buf0[1]) and torch.equal(buf[0, :31], buf0[0, :31])
+    assert torch.equal(buf[0, 31], kn[0, 0])  # the one row that fits was written
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_decode_check_reasons(monkeypatch):
+    p = _params(64)
+    kc = _fresh((1, 8, 2, 64), torch.float16)
+    assert td.decode_check(_fresh((1, 1, 4, 64), torch.float16), kc, p) is None
+    assert "query tokens" in td.decode_check(_fresh((1, 17, 4, 64), torch.float16), kc, p)
+    assert "float64" in td.decode_check(_fresh((1, 1, 4, 64), torch.float64), kc.double(), p)
+    assert "head_dim" in td.decode_check(torch.empty(1, 1, 2, 320, dtype=torch.float16), kc, p)
+    assert "stride" in td.decode_check(_fresh((1, 1, 4, 64), torch.float16), kc.transpose(1, 3), p)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in td.decode_check(_fresh((1, 1, 4, 64), torch.float16), kc, p)
+
+
+def test_num_splits_heuristic():
+    """Splits come from shapes and SMs only; a single long row is spread over the chip whatever
+    the batch size (ragged batches), short caches and wide query packs get fewer."""
+    cfg = td.DECODE_DEFAULTS
+    assert td.num_splits(8, 131072, 4, 132, cfg) == 33  # ~2 programs per SM for one row
+    assert td.num_splits(8, 4096, 4, 132, cfg) == 16  # chunks of >= 256 keys
+    assert td.num_splits(8, 100, 4, 132, cfg) == 1
+    assert td.num_splits(8, 4096, 64, 132, cfg) == 2  # 64 packed rows: >= 2048 keys a split
+    assert td.num_splits(1, 1 << 20, 4, 132, cfg) == cfg["max_splits"]
+
+
+def test_through_public_api():
+    """flash_attn_with_kvcache(..., backend="triton") reaches the decode kernels (when delegated)."""
+    import qwen3vl_flash as qf
+    from qwen3vl_flash.backends.base import get_backend
+
+    be = get_backend("triton")
+    if getattr(be, "kvcache_check", None) is None:
+        pytest.skip("the triton backend does not delegate flash_attn_with_kvcache yet")
+    B, Sq, H, Hkv, D, Smax = 3, 1, 8, 2, 64, 48
+    q = _fresh((B, Sq, H, D), torch.bfloat16)
+    kc, vc = _fresh((B, Smax, Hkv, D), torch.bfloat16), _fresh((B, Smax, Hkv, D), torch.bfloat16)
+    kn, vn = _fresh((B, 1, Hkv, D), torch.bfloat16), _fresh((B, 1, Hkv, D), torch.bfloat16)
+    seqlens = torch.tensor([0, 12, 47], dtype=torch.int32)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out, lse = qf.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, backend="triton",
+                                          return_lse=True)
+    _check_cache(kc, vc, kc0, vc0, kn, vn, seqlens)
+    _check_decode(q, kc0, vc0, kn, vn, seqlens, out, lse)
+    # overflow is refused before anything is written
+    with pytest.raises(ValueError, match="overflow"):
+        qf.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=torch.full((B,), Smax, dtype=torch.int32),
+                                   backend="triton")
+    _check_cache(kc, vc, kc0, vc0, kn, vn, seqlens)
