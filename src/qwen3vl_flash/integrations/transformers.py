@@ -1,0 +1,472 @@
+"""Hugging Face transformers integration: our attention under ``qwen3vl_flash.ATTN_IMPLEMENTATION``.
+
+    import qwen3vl_flash as qf
+    model = Qwen3VLForConditionalGeneration.from_pretrained(path, attn_implementation=qf.ATTN_IMPLEMENTATION)
+    model = qf.enable(model)                      # or switch a loaded model (text and vision)
+
+What :func:`register` installs (idempotent; verified on transformers 4.57.6 and 5.17):
+
+* ``AttentionInterface[name] = attention_forward``: query/key/value arrive as (B, H, S, D) with K/V
+  *not* repeated for GQA; we hand (B, S, H, D) views to :func:`qwen3vl_flash.flash_attn_func` and
+  friends. ``is_causal`` is not passed to text layers, so it is read from ``module.is_causal``.
+* ``AttentionMaskInterface[name] = attention_mask``: without a mask function a custom name gets
+  ``attention_mask=None`` even for padded batches. Ours is transformers' own ``sdpa_mask`` (a 4D
+  bool mask, True = attend), except that it may return ``None`` only when ``q_len == kv_len`` and
+  nothing is padded: then ``None`` means plain causal. (5.x's sdpa mask also returns ``None`` for a
+  StaticCache prefill, relying on SDPA's *top-left* causal alignment over the zero-padded buffer;
+  our causal is bottom-right, so that shortcut is refused.)
+* The mask is read once per forward (cached by identity across layers) and turned into the
+  cheapest exact call: dense causal (no padding), ``flash_attn_with_kvcache`` with per-row valid
+  lengths (StaticCache buffers: empty slots are never attended), or one ``flash_attn_varlen_func``
+  over the unpadded tokens (left padding). A mask that is none of these (custom 4D masks) goes to
+  transformers' sdpa with the mask, with a one-time warning.
+* The vision tower: ``Qwen3VLVisionAttention.forward`` is wrapped so that, for our name only, it
+  makes ONE varlen call over ``cu_seqlens`` (one segment per image / video frame). transformers
+  itself does that only for names it counts as flash ("flash_attention_2" on 4.57, any name with
+  "flash" on 5.x); every other name gets one call per frame.
+* 5.x rejects a name containing "flash" at load time (``lazy_import_flash_attention`` looks for a
+  hub kernel); that look-up is skipped for our name so ``from_pretrained(...,
+  attn_implementation=name)`` and ``_from_config`` work.
+* ``output_attentions=True`` (or dropout in training) falls back to eager math for that call and
+  returns the weights, with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import ATTN_IMPLEMENTATION
+from .._optional import require
+from ..interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+__all__ = ["register", "enable", "attention_forward", "attention_mask", "attend", "is_registered"]
+
+log = logging.getLogger("qwen3vl_flash")
+_warned: set = set()
+_REGISTERED = False
+_PATCH_MARK = "_qwen3vl_flash_wrapped"
+_CP_ATTR = "_qwen3vl_flash_cp_group"
+# modules whose vision attention gets the single varlen call
+_VISION_CLASSES = (
+    ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
+    ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionAttention"),
+)
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# the mask: what each query may see, turned into the cheapest exact call
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """How one 4D mask maps onto our API (``kind`` is dense | kvcache | varlen | fallback)."""
+
+    kind: str
+    cache_seqlens: Optional[torch.Tensor] = None  # kvcache: int32 (B,) valid keys per row
+    q_valid: Optional[torch.Tensor] = None  # varlen: bool (B, Sq)
+    k_valid: Optional[torch.Tensor] = None  # varlen: bool (B, Sk)
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+    max_q: int = 0
+    max_k: int = 0
+
+
+_plan_cache: dict = {}  # (id(mask), causal) -> (weakref(mask), mask._version, plan)
+
+
+def _as_bool_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """A (B, Sq, Sk) bool view of a 4D mask (True = attend), or None if it is not a plain
+    visibility mask (per-head differences, additive biases other than 0 / -inf)."""
+    if mask.dim() != 4:
+        return None
+    if mask.shape[1] != 1:
+        if not bool((mask == mask[:, :1]).all()):
+            return None
+        mask = mask[:, :1]
+    m = mask[:, 0]
+    if m.dtype == torch.bool:
+        return m
+    if not m.is_floating_point():
+        return m != 0
+    very_negative = m <= torch.finfo(m.dtype).min / 2
+    if not bool(((m == 0) | very_negative).all()):
+        return None
+    return m == 0
+
+
+def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
+    m = _as_bool_mask(mask)
+    if m is None:
+        return _Plan("fallback")
+    m = m[..., :seqlen_k]
+    if m.shape[-1] != seqlen_k:
+        return _Plan("fallback")
+    q_valid = m.any(dim=2)  # (B, Sq): a query row that sees nothing is padding
+    k_valid = m.any(dim=1)  # (B, Sk): a key nobody sees is padding or an empty cache slot
+    nq = q_valid.sum(-1)
+    nk = k_valid.sum(-1)
+    # the mask our call would apply: valid queries x valid keys, causal bottom-right among them
+    expect = q_valid.unsqueeze(2) & k_valid.unsqueeze(1)
+    if causal:
+        rank_q = q_valid.cumsum(-1) - 1
+        rank_k = k_valid.cumsum(-1) - 1
+        expect &= rank_k.unsqueeze(1) <= (rank_q + (nk - nq).unsqueeze(1)).unsqueeze(2)
+    if not torch.equal(expect, m):
+        return _Plan("fallback")
+    B, Sq, Sk = m.shape
+    if bool(q_valid.all()):
+        if bool(k_valid.all()):
+            return _Plan("dense")
+        prefix = torch.arange(Sk, device=m.device).unsqueeze(0) < nk.unsqueeze(1)
+        if torch.equal(prefix, k_valid):
+            return _Plan("kvcache", cache_seqlens=nk.to(torch.int32))
+    cu_q = torch.zeros(B + 1, dtype=torch.int32, device=m.device)
+    cu_k = torch.zeros(B + 1, dtype=torch.int32, device=m.device)
+    cu_q[1:] = nq.cumsum(0)
+    cu_k[1:] = nk.cumsum(0)
+    return _Plan("varlen", q_valid=q_valid, k_valid=k_valid, cu_q=cu_q, cu_k=cu_k,
+                 max_q=int(nq.max()), max_k=int(nk.max()))
+
+
+def _plan_for(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
+    """Every layer of a forward gets the same mask object: analyse it once (one host sync)."""
+    key = (id(mask), causal, seqlen_k)
+    hit = _plan_cache.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    plan = _analyse(mask, causal, seqlen_k)
+    if len(_plan_cache) > 64:
+        _plan_cache.clear()
+    _plan_cache[key] = (weakref.ref(mask), mask._version, plan)
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def _eager(q, k, v, mask, causal: bool, scale: float, dropout: float = 0.0, training: bool = False):
+    """Materialised attention that also returns the weights. q (B, H, Sq, D), k/v (B, Hkv, Sk, D).
+
+    Returns out (B, Sq, H, D) and weights (B, H, Sq, Sk) in q's dtype."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if mask is not None:
+        mask = mask[..., :Sk]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    elif causal:
+        j = torch.arange(Sk, device=q.device)
+        i = torch.arange(Sq, device=q.device).unsqueeze(1) + (Sk - Sq)
+        scores = scores.masked_fill(j > i, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    if dropout > 0.0 and training:
+        weights = torch.nn.functional.dropout(weights, p=dropout, training=True)
+    out = torch.matmul(weights, v)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _sdpa_with_mask(q, k, v, mask, scale: float):
+    """transformers-equivalent SDPA with an arbitrary 4D mask; q (B, H, Sq, D) -> (B, Sq, H, D)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    mask = mask[..., : k.shape[2]]
+    if mask.dtype == torch.bool:  # rows that see nothing give 0, not NaN
+        empty = ~mask.any(-1, keepdim=True)
+        mask = mask | empty
+    else:
+        empty = None
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out.transpose(1, 2).contiguous()
+
+
+def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = None, cp_group=None):
+    """Exact attention for transformers-layout tensors, honouring a transformers mask.
+
+    Args:
+        q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D) (GQA: not repeated).
+        mask: None (every key valid; ``causal`` aligned bottom-right) or a 4D mask (B, 1|H, Sq, Sk')
+            with Sk' >= Sk, bool (True = attend) or additive float (0 / very negative).
+        cp_group: a process group for context parallelism (self-attention without mask only).
+
+    Returns:
+        (B, Sq, H, D), contiguous. Query rows that see no key (padding) are 0.
+    """
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    scale = float(scale) if scale is not None else D ** -0.5
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, S, H, D) views
+    plan = _Plan("dense") if mask is None else _plan_for(mask, causal, Sk)
+    if plan.kind == "dense":
+        if cp_group is not None and Sq == Sk:
+            from ..parallel import context_parallel_attn
+
+            out = context_parallel_attn(qt, kt, vt, causal=causal, group=cp_group, softmax_scale=scale)
+        else:
+            out = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=causal)
+        return out.contiguous()
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if plan.kind == "kvcache" and not needs_grad:
+        return flash_attn_with_kvcache(qt, kt, vt, cache_seqlens=plan.cache_seqlens, softmax_scale=scale,
+                                       causal=causal).contiguous()
+    if plan.kind in ("kvcache", "varlen"):  # kvcache with gradients: the varlen path is differentiable
+        if plan.q_valid is None:
+            plan = _analyse_varlen(plan, B, Sq, Sk, q.device)
+        qp = qt[plan.q_valid]  # (Tq, H, D)
+        kp, vp = kt[plan.k_valid], vt[plan.k_valid]
+        outp = flash_attn_varlen_func(qp, kp, vp, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
+                                      softmax_scale=scale, causal=causal)
+        out = qt.new_zeros(B, Sq, H, D)
+        out[plan.q_valid] = outp
+        return out
+    _warn_once(("mask", "fallback"), "qwen3vl_flash: this attention mask is not a padding/causal pattern "
+               "(custom 4D mask); those calls use PyTorch SDPA with the mask")
+    return _sdpa_with_mask(q, k, v, mask, scale)
+
+
+def _analyse_varlen(plan: _Plan, B: int, Sq: int, Sk: int, device) -> _Plan:
+    lens = plan.cache_seqlens.long()
+    k_valid = torch.arange(Sk, device=device).unsqueeze(0) < lens.unsqueeze(1)
+    q_valid = torch.ones(B, Sq, dtype=torch.bool, device=device)
+    cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=device)
+    cu_k = torch.zeros(B + 1, dtype=torch.int32, device=device)
+    cu_k[1:] = lens.cumsum(0)
+    return _Plan("varlen", q_valid=q_valid, k_valid=k_valid, cu_q=cu_q, cu_k=cu_k, max_q=Sq,
+                 max_k=int(lens.max()))
+
+
+@functools.lru_cache(maxsize=None)
+def _output_collector():
+    try:  # 5.x records attentions with hooks; the flag may not reach the attention call
+        from transformers.utils.output_capturing import _active_collector
+
+        return _active_collector
+    except Exception:
+        return None
+
+
+def _output_attentions_requested(kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    collector = _output_collector()
+    if collector is None:
+        return False
+    try:
+        collected = collector.get()
+    except Exception:
+        return False
+    return bool(collected) and "attentions" in collected
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The function registered with transformers' ``AttentionInterface``.
+
+    query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> (out (B, Sq, H, D), weights or None).
+    Varlen calls (``cu_seq_lens_q``/``cu_seq_lens_k`` in kwargs, B == 1: the vision tower and
+    packed sequences) become one :func:`flash_attn_varlen_func` call."""
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    training = bool(getattr(module, "training", False))
+    if _output_attentions_requested(kwargs) or (dropout and training):
+        why = "output_attentions=True" if _output_attentions_requested(kwargs) else "attention dropout"
+        _warn_once(("eager", why), f"qwen3vl_flash: {why} needs the attention weights; those calls "
+                   "fall back to eager (materialised) attention")
+        return _eager(query, key, value, attention_mask, causal, scale, dropout, training)
+    cu_q = kwargs.get("cu_seq_lens_q")
+    if cu_q is not None and attention_mask is None and query.shape[0] == 1:
+        cu_k = kwargs.get("cu_seq_lens_k", cu_q)
+        max_q = kwargs.get("max_length_q")
+        max_k = kwargs.get("max_length_k")
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
+        q = query[0].transpose(0, 1)  # (T, H, D)
+        k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal)
+        return out.unsqueeze(0), None
+    out = attend(query, key, value, attention_mask, causal, scale, cp_group=getattr(module, _CP_ATTR, None))
+    return out, None
+
+
+def _mask_module():
+    return require("transformers.masking_utils", "the transformers integration")
+
+
+def attention_mask(*args, **kwargs):
+    """The function registered with ``AttentionMaskInterface``: transformers' ``sdpa_mask`` (4D
+    bool, True = attend) that returns ``None`` only for plain causal self-attention (q_len ==
+    kv_len, no padding). Arguments are those of the installed version's ``sdpa_mask``."""
+    mu = _mask_module()
+    if "q_length" in kwargs:  # 5.x
+        q_len = kwargs["q_length"]
+    elif "cache_position" in kwargs:  # 4.57: q positions are cache_position
+        q_len = kwargs["cache_position"].shape[0]
+    else:
+        q_len = None
+    kv_len = kwargs.get("kv_length")
+    if q_len is None or kv_len is None or q_len != kv_len:
+        kwargs["allow_is_causal_skip"] = False
+    return mu.sdpa_mask(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# vision tower: one varlen call per forward
+# --------------------------------------------------------------------------------------------
+
+
+def _wrap_vision_forward(cls) -> None:
+    original = cls.forward
+    if getattr(original, _PATCH_MARK, False):
+        return
+    rotary = getattr(sys.modules[cls.__module__], "apply_rotary_pos_emb_vision", None)
+    interfaces = require("transformers.modeling_utils", "the transformers integration").ALL_ATTENTION_FUNCTIONS
+
+    @functools.wraps(original)
+    def forward(self, hidden_states, cu_seqlens=None, *args, **kwargs):
+        position_embeddings = kwargs.get("position_embeddings")
+        if (
+            getattr(self.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION
+            or args
+            or cu_seqlens is None
+            or position_embeddings is None
+            or rotary is None
+        ):
+            return original(self, hidden_states, cu_seqlens, *args, **kwargs)
+        kwargs = dict(kwargs)
+        for name in ("position_embeddings", "rotary_pos_emb", "max_seqlen"):
+            kwargs.pop(name, None)
+        S = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(S, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = rotary(q, k, cos, sin)  # the installed version's own 2D rotary, (S, H, D)
+        cu = cu_seqlens.to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        fn = interfaces[ATTN_IMPLEMENTATION]  # looked up per call, so wrappers/counters see it
+        out, _ = fn(
+            self,
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attention_mask=None,
+            scaling=self.scaling,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max_len,
+            max_length_k=max_len,
+            is_causal=False,
+            **kwargs,
+        )
+        return self.proj(out.reshape(S, -1).contiguous())
+
+    setattr(forward, _PATCH_MARK, True)
+    forward.__wrapped_original__ = original
+    cls.forward = forward
+
+
+def _allow_name_at_load() -> None:
+    """5.x: a name containing "flash" is sent to ``lazy_import_flash_attention`` at load time,
+    which looks for the flash-attn package or a hub kernel and raises for ours. Skip it for ours."""
+    mu = require("transformers.modeling_utils", "the transformers integration")
+    original = getattr(mu, "lazy_import_flash_attention", None)
+    if original is None or getattr(original, _PATCH_MARK, False):
+        return
+
+    @functools.wraps(original)
+    def lazy_import_flash_attention(implementation, *args, **kwargs):
+        base = implementation.split("|")[-1] if isinstance(implementation, str) else implementation
+        if base == ATTN_IMPLEMENTATION:
+            return (None, None, None, None, None), None  # nothing to preload: we are registered
+        return original(implementation, *args, **kwargs)
+
+    setattr(lazy_import_flash_attention, _PATCH_MARK, True)
+    mu.lazy_import_flash_attention = lazy_import_flash_attention
+
+
+def register() -> str:
+    """Register our attention and mask functions with transformers (idempotent). Returns the name."""
+    global _REGISTERED
+    if _REGISTERED:
+        return ATTN_IMPLEMENTATION
+    tf = require("transformers", "the transformers integration")
+    mu = _mask_module()
+    tf.AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    mu.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, attention_mask)
+    _allow_name_at_load()
+    import importlib
+
+    for modname, clsname in _VISION_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(modname), clsname)
+        except (ImportError, AttributeError):
+            continue
+        _wrap_vision_forward(cls)
+    _REGISTERED = True
+    return ATTN_IMPLEMENTATION
+
+
+def is_registered() -> bool:
+    return _REGISTERED
+
+
+def enable(model, context_parallel=None):
+    """Switch a loaded Qwen3-VL model (text decoder and vision tower) to our attention.
+
+    Sets ``_attn_implementation`` on the model's config, its sub-configs and every submodule's
+    config (bypassing 5.x's load-time check of names containing "flash"). ``context_parallel``:
+    a process group (or anything :func:`qwen3vl_flash.parallel.context_parallel_attn` takes as
+    ``group``); causal self-attention calls without padding then run context-parallel, each rank
+    holding its shard of the sequence. None (default) removes it. Returns ``model``.
+    """
+    register()
+    configs = []
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        configs.append(cfg)
+        for name in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, name, None)
+            if sub is not None:
+                configs.append(sub)
+    for mod in model.modules():
+        c = getattr(mod, "config", None)
+        if c is not None and hasattr(c, "_attn_implementation"):
+            configs.append(c)
+    seen = set()
+    for c in configs:
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        c._attn_implementation = ATTN_IMPLEMENTATION
+    for mod in model.modules():
+        if getattr(mod, "is_causal", False) and hasattr(mod, "layer_idx") and hasattr(mod, "q_proj"):
+            if context_parallel is None:
+                if hasattr(mod, _CP_ATTR):
+                    delattr(mod, _CP_ATTR)
+            else:
+                setattr(mod, _CP_ATTR, context_parallel)
+    return model
