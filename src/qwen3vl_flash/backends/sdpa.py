@@ -1,41 +1,101 @@
 """``sdpa``: PyTorch's fused kernels (flash / cuDNN / memory-efficient on GPUs, flash on CPU).
 
-PyTorch's ``is_causal`` is aligned top-left, so when Sq != Sk we pass a bottom-right mask
-(``causal_lower_right``) or, with a window, an explicit boolean mask. It returns no lse, so calls
-that ask for one go elsewhere. Varlen runs one call per segment (what transformers does).
+* CPU: we call PyTorch's CPU flash kernel directly
+  (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward), which returns the
+  log-sum-exp; so on CPUs this backend serves calls that need lse (context parallelism) at
+  SDPA's speed. GQA expands K/V to the query heads for the kernel (O(seq) memory) and sums the
+  group's dK/dV afterwards.
+* CUDA: ``F.scaled_dot_product_attention`` (PyTorch picks flash, cuDNN or memory-efficient,
+  incl. the efficient kernel on Pascal/sm61); no lse, so calls needing one go elsewhere.
+
+PyTorch's ``is_causal`` is aligned top-left, so when Sq != Sk (or with a window) we pass an
+explicit bottom-right mask. Rows that see no key are set to 0 output and lse -inf.
+Varlen runs one call per segment (what transformers does).
 """
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
-from ..reference import visibility_mask
+from ..reference import lse_dtype, visibility_mask
 from .base import AttnParams, Backend, register_backend
 
 
-def _sdpa_dense(q, k, v, p: AttnParams):
-    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (B, Sq, H, D)."""
+def _mask_for(Sq: int, Sk: int, p: AttnParams, device) -> Tuple[Optional[torch.Tensor], bool]:
+    """(boolean visibility mask or None, is_causal flag for PyTorch's top-left causal)."""
+    if p.has_window or (p.causal and Sq != Sk):
+        return visibility_mask(Sq, Sk, p.causal, p.window_size, device=device), False
+    return None, p.causal
+
+
+class _CpuFlash(torch.autograd.Function):
+    """PyTorch's CPU flash kernel with its lse, q/k/v in our (B, S, H, D) layout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p: AttnParams):
+        B, Sq, H, D = q.shape
+        Sk, Hkv = k.shape[1], k.shape[2]
+        g = H // Hkv
+        qt = q.transpose(1, 2)
+        kt = k.transpose(1, 2)
+        vt = v.transpose(1, 2)
+        if g > 1:  # (B, Hkv, Sk, D) -> (B, H, Sk, D): the kernel has no GQA
+            kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)
+        mask, is_causal = _mask_for(Sq, Sk, p, q.device)
+        add_mask = None
+        if mask is not None:
+            add_mask = torch.zeros(Sq, Sk, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, 0.0, is_causal, attn_mask=add_mask, scale=p.softmax_scale
+        )
+        ctx.save_for_backward(qt, kt, vt, out, lse, add_mask if add_mask is not None else torch.empty(0))
+        ctx.meta = (is_causal, add_mask is not None, p.softmax_scale, g, Hkv)
+        lse_out = lse.to(lse_dtype(q.dtype))
+        if mask is not None:
+            empty = ~mask.any(dim=-1)  # (Sq,)
+            if bool(empty.any()):
+                out = out.masked_fill(empty.view(1, 1, Sq, 1), 0.0)
+                lse_out = lse_out.masked_fill(empty.view(1, 1, Sq), float("-inf"))
+        ctx.mark_non_differentiable(lse_out)
+        return out.transpose(1, 2), lse_out
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        qt, kt, vt, out, lse, add_mask = ctx.saved_tensors
+        is_causal, has_mask, scale, g, Hkv = ctx.meta
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), qt, kt, vt, out, lse, 0.0, is_causal,
+            attn_mask=add_mask if has_mask else None, scale=scale,
+        )
+        if g > 1:
+            B, H, Sk, D = dk.shape
+            dk = dk.view(B, Hkv, g, Sk, D).sum(2)
+            dv = dv.view(B, Hkv, g, Sk, D).sum(2)
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+
+
+def _cuda_dense(q, k, v, p: AttnParams):
+    """F.scaled_dot_product_attention on (B, S, H, D) tensors -> (B, Sq, H, D)."""
     Sq, Sk = q.shape[1], k.shape[1]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = q.shape[2] != k.shape[2]
-    mask, is_causal = None, False
-    if p.has_window:
-        mask = visibility_mask(Sq, Sk, p.causal, p.window_size, device=q.device)
-    elif p.causal and Sq == Sk:
-        is_causal = True
-    elif p.causal:
-        mask = visibility_mask(Sq, Sk, True, (-1, -1), device=q.device)
+    mask, is_causal = _mask_for(Sq, Sk, p, q.device)
     out = F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=p.softmax_scale, enable_gqa=gqa
-    )
-    out = out.transpose(1, 2)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
+        scale=p.softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
+    ).transpose(1, 2)
     if mask is not None:
-        # rows that see no key: some kernels return NaN there; the contract says 0
-        empty = ~mask.any(dim=-1)
+        empty = ~mask.any(dim=-1)  # some kernels return NaN there; the contract says 0
         if bool(empty.any()):
             out = out.masked_fill(empty.view(1, Sq, 1, 1), 0.0)
-    return out
+    return out, None
+
+
+def _dense(q, k, v, p: AttnParams):
+    if q.device.type == "cpu":
+        return _CpuFlash.apply(q, k, v, p)
+    return _cuda_dense(q, k, v, p)
 
 
 class SdpaBackend(Backend):
@@ -43,26 +103,32 @@ class SdpaBackend(Backend):
     native_autograd = True
 
     def check(self, req):
-        if req.need_lse:
-            return "PyTorch SDPA does not return the log-sum-exp (use tiled, triton or eager)"
-        if req.device_type == "cuda" and req.device_capability is not None and req.device_capability < (5, 0):
-            return f"sm{req.device_capability[0]}{req.device_capability[1]} is older than SDPA supports"
+        if req.need_lse and req.device_type != "cpu":
+            return "PyTorch SDPA does not return the log-sum-exp on GPUs (use triton, tiled or eager)"
+        if req.device_type not in ("cpu", "cuda"):
+            return f"device type {req.device_type!r} is not served by this backend"
         return None
 
     def attention(self, q, k, v, p: AttnParams):
         if not p.varlen:
-            return _sdpa_dense(q, k, v, p), None
+            return _dense(q, k, v, p)
         cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
-        outs = []
+        outs, lses = [], []
+        H = q.shape[1]
         for b in range(len(cq) - 1):
             qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
             if qe == qs:
                 continue
-            if ke == ks:
-                outs.append(q.new_zeros((qe - qs,) + tuple(q.shape[1:])) + 0 * q[qs:qe])
+            if ke == ks:  # no keys: zeros (kept in the graph) and lse -inf
+                outs.append(0 * q[qs:qe])
+                lses.append(torch.full((H, qe - qs), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device))
                 continue
-            outs.append(_sdpa_dense(q[qs:qe].unsqueeze(0), k[ks:ke].unsqueeze(0), v[ks:ke].unsqueeze(0), p)[0])
-        return torch.cat(outs, 0), None
+            o, l = _dense(q[qs:qe].unsqueeze(0), k[ks:ke].unsqueeze(0), v[ks:ke].unsqueeze(0), p)
+            outs.append(o[0])
+            lses.append(l[0] if l is not None else None)
+        out = torch.cat(outs, 0)
+        lse = torch.cat(lses, 1) if lses and all(x is not None for x in lses) else None
+        return out, lse
 
 
 register_backend(SdpaBackend())

@@ -49,13 +49,10 @@ class TileProfile:
 
 
 _GPU_ORDER = {"default": ("triton", "sdpa", "tiled", "eager")}
-# CPU: PyTorch's fused flash kernel is faster than a Python-level FA2 in float32, but weaker in
-# bf16/fp16 (docs/performance.md); calls needing lse, varlen or windows fall through to tiled.
-_CPU_ORDER = {
-    "default": ("sdpa", "tiled", "eager"),
-    "bfloat16": ("tiled", "sdpa", "eager"),
-    "float16": ("tiled", "sdpa", "eager"),
-}
+# CPU: PyTorch's fused CPU flash kernel (which the sdpa backend calls with its lse) is faster
+# than a Python-level FA2 loop in every dtype we measured (docs/performance.md); tiled is the
+# fallback if it fails.
+_CPU_ORDER = {"default": ("sdpa", "tiled", "eager")}
 
 PROFILES: Dict[str, TileProfile] = {
     p.name: p
@@ -77,7 +74,13 @@ PROFILES: Dict[str, TileProfile] = {
             block_m=256,
             block_n=256,
             auto_order=_GPU_ORDER,
-            triton={"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}},
+            triton={
+                "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                "fwd_d256": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+                "bwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+                "bwd_d256": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+                "head_split": "split",
+            },
             description="NVIDIA Ampere/Ada (sm80-sm89): Triton FA2 kernels",
         ),
         TileProfile(
@@ -87,7 +90,13 @@ PROFILES: Dict[str, TileProfile] = {
             block_m=256,
             block_n=256,
             auto_order=_GPU_ORDER,
-            triton={"fwd": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}},
+            triton={
+                "fwd": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                "fwd_d256": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+                "bwd": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                "bwd_d256": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
+                "head_split": "split",
+            },
             description="NVIDIA Hopper (H100/H200, sm90): Triton FA2 kernels",
         ),
         TileProfile(
@@ -153,6 +162,11 @@ def select_profile(hw: Optional[HardwareInfo] = None, name: Optional[str] = None
     return _profile_for(hw if hw is not None else detect_hardware())
 
 
+# (device type, index) -> profile. A plain dict, not lru_cache: torch.compile (dynamo) traces a
+# dict lookup with guards, but cannot trace hardware detection (file reads) behind an lru_cache.
+_DEVICE_PROFILES: Dict[Tuple[str, Optional[int]], TileProfile] = {}
+
+
 def profile_for_device(device: torch.device) -> TileProfile:
     """The profile for the device a call runs on (the env override applies to matching devices)."""
     env = os.environ.get(ENV_PROFILE)
@@ -160,4 +174,15 @@ def profile_for_device(device: torch.device) -> TileProfile:
         prof = select_profile(name=env)
         if prof.device_type == device.type:
             return prof
-    return _profile_for(detect_hardware(device))
+    key = (device.type, device.index)
+    prof = _DEVICE_PROFILES.get(key)
+    if prof is None:
+        prof = _DEVICE_PROFILES[key] = PROFILES[_detected_profile_name(device.type, device.index)]
+    return prof
+
+
+@torch.compiler.assume_constant_result
+def _detected_profile_name(device_type: str, index: Optional[int]) -> str:
+    """Run once per device, outside any compiled graph (a constant to torch.compile)."""
+    device = torch.device(device_type) if index is None else torch.device(device_type, index)
+    return _profile_for(detect_hardware(device)).name
