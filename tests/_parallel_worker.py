@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 import zlib
 from datetime import timedelta
@@ -67,6 +68,8 @@ def case_attn(c, seed):
     scale = c.get("scale")
     causal, layout, mode = c["causal"], c["layout"], c["mode"]
     group = _group(c.get("group", "world"), dist.get_world_size())
+    # negative control: shard with one layout, tell the attention another (must NOT match)
+    attn_layout = c.get("attn_layout", layout)
 
     # single-process reference: the public function with the tiled backend
     qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
@@ -76,8 +79,16 @@ def case_attn(c, seed):
     chk_out, chk_lse = attention_ref(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
 
     ql, kl, vl = (shard(t, 1, group, layout).requires_grad_(True) for t in (q, k, v))
-    out, lse = context_parallel_attn(ql, kl, vl, causal=causal, group=group, mode=mode, layout=layout,
-                                     softmax_scale=scale, return_lse=True, backend="tiled")
+    old_local = os.environ.get("LOCAL_WORLD_SIZE")
+    if "local_world_size" in c:  # what auto/hybrid see as one node
+        os.environ["LOCAL_WORLD_SIZE"] = str(c["local_world_size"])
+    try:
+        out, lse = context_parallel_attn(ql, kl, vl, causal=causal, group=group, mode=mode, layout=attn_layout,
+                                         softmax_scale=scale, return_lse=True, backend="tiled")
+        auto_mode = choose_mode(H, Hkv, group) if mode == "auto" else None
+    finally:
+        if old_local is not None:
+            os.environ["LOCAL_WORLD_SIZE"] = old_local
     dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), shard(dout, 1, group, layout))
     res = {
         "ref_vs_definition": max(_maxdiff(ref_out, chk_out), _maxdiff(ref_lse, chk_lse)),
@@ -89,8 +100,8 @@ def case_attn(c, seed):
         "dtypes": [str(t.dtype) for t in (out, lse, dq, dk, dv)],
         "local_len": ql.shape[1],
     }
-    if mode == "auto":
-        res["auto_mode"] = choose_mode(H, Hkv, group)
+    if auto_mode is not None:
+        res["auto_mode"] = auto_mode
     return res
 
 
@@ -141,6 +152,7 @@ def case_errors(c, seed):
     out["attn_odd_local"] = msg(lambda: context_parallel_attn(q, q, q, causal=True, layout="zigzag"))
     q3 = torch.randn(1, 4, 3, 8, dtype=torch.float64)
     out["ulysses_heads"] = msg(lambda: context_parallel_attn(q3, q3, q3, mode="ulysses"))
+    out["hybrid_heads"] = msg(lambda: context_parallel_attn(q3, q3, q3, mode="hybrid"))
     out["bad_mode"] = msg(lambda: context_parallel_attn(q3, q3, q3, mode="star"))
     return out
 
@@ -154,15 +166,21 @@ def run(rank: int, world: int, init_file: str, out_dir: str, cases) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     results = {}
+    t_init = time.time()
     try:
         for c in cases:
+            t0 = time.time()
             seed = c["seed"] if "seed" in c else zlib.crc32(c["name"].encode())
             try:
                 results[c["name"]] = CASES[c["kind"]](c, seed)
             except Exception:
                 results[c["name"]] = {"error": traceback.format_exc()}
+            results[c["name"]]["seconds"] = round(time.time() - t0, 3)
         dist.barrier()
+        results["_seconds_total"] = round(time.time() - t_init, 3)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
+    # skip the interpreter's slow teardown of torch (seconds per process on 2 busy cores)
+    os._exit(0)
