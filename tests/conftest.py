@@ -1,0 +1,235 @@
+"""Shared test helpers: seeding, backend parametrisation, the 2x/3x comparison rule, an
+independent naive attention, and input makers.
+
+The comparison rule (DESIGN.md section 4, flash-attn style)::
+
+    max|out - ref| <= factor * max|out_lowprec - ref| + atol
+
+with ``ref`` computed by :mod:`qwen3vl_flash.reference` in float64 and ``out_lowprec`` the same
+reference computed in the input dtype (``upcast=False``): "PyTorch's own low-precision error".
+``factor`` is 2 for outputs and lse, 3 for gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from typing import Optional, Sequence, Tuple
+
+import pytest
+import torch
+
+from qwen3vl_flash.backends.base import AttnRequest, get_backend
+from qwen3vl_flash.reference import attention_ref, attention_ref_varlen
+
+BACKENDS = ["tiled", "sdpa", "eager", "auto"]
+# backends that return the log-sum-exp (PyTorch SDPA does not, by contract)
+LSE_BACKENDS = {"tiled", "eager", "auto"}
+# small absolute slack on top of the 2x/3x rule, per input dtype
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+# gradients: where the reference's own low-precision error is exactly 0 (e.g. one visible key, so
+# P = 1 and dq = 0), the floor must cover one rounding of delta = rowsum(dO * O) ~ eps * sqrt(D)
+GRAD_ATOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+# --------------------------------------------------------------------------------------------
+# seeding and backend parametrisation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A fresh, reproducible seed per test (vary all of them with $QWEN3VL_TEST_SEED)."""
+    base = int(os.environ.get("QWEN3VL_TEST_SEED", "0"))
+    seed = (zlib.crc32(request.node.nodeid.encode()) + base) % (2**31)
+    torch.manual_seed(seed)
+    yield
+
+
+def _plain_request(device_type: str = "cpu", dtype=torch.float32) -> AttnRequest:
+    return AttnRequest(
+        device_type=device_type, dtype=dtype, head_dim=64, num_heads=2, num_kv_heads=2,
+        seqlen_q=16, seqlen_k=16,
+    )
+
+
+def backend_unavailable(name: str, device_type: str = "cpu") -> Optional[str]:
+    """Why backend ``name`` cannot serve even a plain float32 call on this device, else None.
+
+    Only this "cannot serve the device at all" answer is a reason to skip; a backend that serves
+    the plain call must serve every call its contract covers, and a failure there is a failure.
+    """
+    if name == "auto":
+        return None
+    return get_backend(name).check(_plain_request(device_type))
+
+
+def skip_if_unavailable(name: str, device_type: str = "cpu") -> None:
+    reason = backend_unavailable(name, device_type)
+    if reason is not None:
+        pytest.skip(f"backend {name!r} cannot serve {device_type}: {reason}")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Make every call use tiny tiles (16 query rows x 32 keys), so small shapes cross many tile
+    boundaries (partial tiles, causal diagonal tiles, skipped tiles) at little CPU cost."""
+    import qwen3vl_flash.interface as itf
+
+    orig = itf.profile_for_device
+
+    def tiny(device):
+        return orig(device).replace(block_m=16, block_n=32, tiled_min_seqlen=0)
+
+    monkeypatch.setattr(itf, "profile_for_device", tiny)
+    return tiny
+
+
+def dtypes_for(backend: str) -> Sequence[torch.dtype]:
+    """fp32 and fp64 everywhere; bf16 for the backends that run natively in it (auto on CPU
+    picks tiled for bf16, so it is covered by tiled's cases)."""
+    return (torch.float32, torch.float64, torch.bfloat16) if backend in ("tiled", "sdpa") else (
+        torch.float32, torch.float64)
+
+
+def backend_dtype_params():
+    """pytest params (backend, dtype) for every backend and the dtypes it is tested in."""
+    return [pytest.param(b, d, id=f"{b}-{str(d).replace('torch.', '')}") for b in BACKENDS for d in dtypes_for(b)]
+
+
+# --------------------------------------------------------------------------------------------
+# the comparison rule
+# --------------------------------------------------------------------------------------------
+
+
+def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close_to_ref(out, ref, lowprec, factor: float = 2.0, atol: float = 1e-5, name: str = "out") -> None:
+    """``max|out - ref| <= factor * max|lowprec - ref| + atol``; -inf entries (lse of rows that see
+    no key) must sit in the same places in all three, and ``out`` must have no NaN."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    assert not torch.isnan(ref).any(), f"{name}: NaN in the reference (test bug)"
+    ninf_out, ninf_ref = torch.isneginf(out), torch.isneginf(ref)
+    assert torch.equal(ninf_out, ninf_ref), (
+        f"{name}: -inf at {ninf_out.sum().item()} places, reference at {ninf_ref.sum().item()}"
+    )
+    assert not torch.isposinf(out).any(), f"{name}: +inf in output"
+    fin = ~ninf_ref
+    o, r, lo = out[fin], ref[fin], lowprec[fin]
+    err, base = _maxabs(o, r), _maxabs(lo, r)
+    # plus one ulp of the largest value in out's dtype: the reference's own error can be exactly
+    # 0 in degenerate cases (one visible key: P = 1), where a correct kernel may still round once
+    ulp = torch.finfo(out.dtype).eps * (r.abs().max().item() if r.numel() else 0.0)
+    assert err <= factor * base + atol + ulp, (
+        f"{name}: max|out - ref| = {err:.3e} > {factor} * max|lowprec - ref| ({base:.3e}) + {atol:.0e} + ulp {ulp:.1e}"
+    )
+
+
+def atol_for(dtype: torch.dtype, scale: float = 1.0) -> float:
+    return ATOL[dtype] * scale
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+
+
+def randn(*shape, dtype=torch.float32, requires_grad=False) -> torch.Tensor:
+    """Fresh normal inputs (never all zeros), made in float32 then cast, so that a float64 copy
+    of a bf16 tensor is exactly the same numbers."""
+    x = torch.randn(*shape, dtype=torch.float32).to(dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def make_qkv(B, Sq, Sk, H, Hkv, D, dtype=torch.float32, requires_grad=False):
+    q = randn(B, Sq, H, D, dtype=dtype, requires_grad=requires_grad)
+    k = randn(B, Sk, Hkv, D, dtype=dtype, requires_grad=requires_grad)
+    v = randn(B, Sk, Hkv, D, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+def cu_seqlens(lengths: Sequence[int]) -> torch.Tensor:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+def _leaf(x: torch.Tensor, dtype) -> torch.Tensor:
+    return x.detach().to(dtype).requires_grad_(True)
+
+
+def reference_triplet(q, k, v, dout=None, varlen: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kw):
+    """(ref, lowprec) results of the shipped reference for inputs q, k, v.
+
+    ref is computed in float64; lowprec in the input dtype without upcasting. Each result is a
+    dict with ``out``, ``lse`` and, when ``dout`` is given, ``dq``, ``dk``, ``dv``.
+    """
+    res = []
+    for dtype, upcast in ((torch.float64, True), (q.dtype, False)):
+        ql, kl, vl = _leaf(q, dtype), _leaf(k, dtype), _leaf(v, dtype)
+        if varlen is None:
+            out, lse = attention_ref(ql, kl, vl, upcast=upcast, return_lse=True, **kw)
+        else:
+            out, lse = attention_ref_varlen(ql, kl, vl, varlen[0], varlen[1], upcast=upcast, return_lse=True, **kw)
+        r = {"out": out.detach(), "lse": lse.detach()}
+        if dout is not None:
+            dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), dout.to(dtype))
+            r.update(dq=dq, dk=dk, dv=dv)
+        res.append(r)
+    return res[0], res[1]
+
+
+def check_against_reference(out, lse, grads, ref, low, dtype, what: str = "") -> None:
+    """Apply the 2x rule to out/lse and the 3x rule to (dq, dk, dv) (any of them may be None)."""
+    atol = atol_for(dtype)
+    assert out.dtype == dtype, f"{what}out dtype {out.dtype} != input dtype {dtype}"
+    assert_close_to_ref(out, ref["out"], low["out"], 2.0, atol, f"{what}out")
+    if lse is not None:
+        expect = torch.float64 if dtype == torch.float64 else torch.float32
+        assert lse.dtype == expect, f"{what}lse dtype {lse.dtype} != {expect}"
+        # lse has magnitude ~log(Sk); give it the same relative slack as the output
+        assert_close_to_ref(lse, ref["lse"], low["lse"], 2.0, atol * 10, f"{what}lse")
+    if grads is not None:
+        for g, n in zip(grads, ("dq", "dk", "dv")):
+            assert g is not None, f"{what}{n} is None: no gradient flowed"
+            assert g.dtype == dtype, f"{what}{n} dtype {g.dtype} != {dtype}"
+            assert_close_to_ref(g, ref[n], low[n], 3.0, GRAD_ATOL[dtype], f"{what}{n}")
+
+
+# --------------------------------------------------------------------------------------------
+# an independent definition, to check qwen3vl_flash.reference itself
+# --------------------------------------------------------------------------------------------
+
+
+def naive_attention(q, k, v, scale=None, causal=False, window_size=(-1, -1)):
+    """Straight from the definition, in float64, element-wise mask, K/V repeated per head.
+
+    Returns out (B, Sq, H, D) float64 and lse (B, H, Sq) float64.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k.repeat_interleave(H // Hkv, dim=2)  # query head h reads kv head h // (H // Hkv)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    left, right = window_size
+    visible = torch.zeros(Sq, Sk, dtype=torch.bool)
+    for i in range(Sq):
+        c = i + Sk - Sq  # the key aligned with query i (bottom-right)
+        for j in range(Sk):
+            visible[i, j] = (
+                (not causal or j <= c) and (left < 0 or j >= c - left) and (right < 0 or j <= c + right)
+            )
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
+    p = torch.where(visible, torch.exp(s - torch.nan_to_num(lse, neginf=0.0).unsqueeze(-1)), 0.0)
+    out = torch.einsum("bhij,bjhd->bihd", p, v)
+    return out, lse
