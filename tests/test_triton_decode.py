@@ -25,12 +25,21 @@ from qwen3vl_flash.backends.base import AttnParams  # noqa: E402
 from qwen3vl_flash.hardware.profiles import PROFILES  # noqa: E402
 from qwen3vl_flash.reference import attention_ref  # noqa: E402
 
-pytest.importorskip("triton", reason="triton is not installed")
+triton = pytest.importorskip("triton", reason="triton is not installed")
+import triton.language as tl  # noqa: E402
+
 from qwen3vl_flash.backends import triton_decode as td  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to something other than 1"
-)
+# triton.language's own jit helpers (tl.zeros, tl.sum, ...) are interpreted only if triton was
+# first imported with TRITON_INTERPRET=1 (torch may import it earlier: set it in the environment,
+# as tests/run.sh does)
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET is not 1"),
+    pytest.mark.skipif(
+        type(tl.zeros).__name__ == "JITFunction",
+        reason="triton was imported before TRITON_INTERPRET=1 was set; run with it in the environment (tests/run.sh)",
+    ),
+]
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 # splits of 16 keys (several per row at these lengths), 16-key tiles

@@ -91,9 +91,11 @@ def _split_range(seqlen, num_splits, win_left, SQ: tl.constexpr, HAS_LEFT: tl.co
     if HAS_LEFT:
         lo = tl.maximum(seqlen - SQ - win_left, 0)
     n = seqlen - lo
-    chunk = tl.maximum(tl.cdiv(n, num_splits), MIN_CHUNK)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
-    return lo, chunk, tl.cdiv(n, chunk)
+    # (plain integer ceil-divisions: tl.cdiv is a jit function of triton.language, which the
+    # interpreter cannot call if triton was imported before TRITON_INTERPRET was set)
+    chunk = tl.maximum((n + num_splits - 1) // num_splits, MIN_CHUNK)
+    chunk = (chunk + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    return lo, chunk, (n + chunk - 1) // chunk
 
 def _row_offsets(pos, b, BT, stride_btb, stride_b, stride_s, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
                  mask):
@@ -136,8 +138,8 @@ def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_ri
     return m_new, l_i, acc
 
 def _split_kernel(
-    Q, K, V, KN, VN, SEQLENS, BT, O_PART, LSE_PART,
-    scale_log2, num_splits, snew, cap, win_left, win_right,
+    Q, K, V, KN, VN, SEQLENS, BT, O_PART,
+    scale_log2, lse_offset, num_splits, snew, cap, win_left, win_right,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -151,6 +153,7 @@ def _split_kernel(
 ):
     tl.static_assert(BLOCK_M >= GROUP * SQ)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
+    LSE_PART = O_PART + lse_offset  # one fp32 workspace: partial outputs, then partial lse
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -234,13 +237,14 @@ def _split_kernel(
              mask=m_mask[:, None] & d_mask[None, :])
 
 def _merge_kernel(
-    O_PART, LSE_PART, SEQLENS, OUT, LSE,
-    num_splits, snew, cap, win_left,
+    O_PART, SEQLENS, OUT, LSE,
+    lse_offset, num_splits, snew, cap, win_left,
     stride_ob, stride_os, stride_oh,
     H: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, HAS_LEFT: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b * H + h) * SQ + s: also the index into lse (B, H, SQ)
+    LSE_PART = O_PART + lse_offset
     b = row // (H * SQ)
     h = (row // SQ) % H
     s = row % SQ
@@ -351,10 +355,21 @@ def decode_check(q: torch.Tensor, k_cache: torch.Tensor, p) -> Optional[str]:
 # launcher
 # --------------------------------------------------------------------------------------------
 
-_PLANS: Dict[tuple, tuple] = {}
+# Launch without Triton's per-call argument binding (a few us of Python per kernel): after the
+# first ordinary launch of a plan, its compiled kernel is called directly, keyed by everything
+# Triton specialised that can change between calls (16-byte alignment of the caller's tensors,
+# their strides). Set QWEN3VL_FLASH_DECODE_FAST_LAUNCH=0 to always go through Triton's launcher.
+FAST_LAUNCH = os.environ.get("QWEN3VL_FLASH_DECODE_FAST_LAUNCH", "1") == "1"
 
 
-def _plan(q, k_cache, snew, p, paged, block_table):
+class _Plan:
+    """Everything about a call that depends on shapes and options only (cached per key)."""
+
+    __slots__ = ("grid1", "grid2", "ns", "ws_numel", "split_scalars", "merge_scalars", "split_const",
+                 "merge_const", "split_opts", "merge_opts", "poison", "profile", "fast")
+
+
+def _plan(q, k_cache, snew, p, paged, block_table) -> _Plan:
     B, Sq, H, D = q.shape
     Hkv = k_cache.shape[2]
     group = H // Hkv
@@ -372,19 +387,43 @@ def _plan(q, k_cache, snew, p, paged, block_table):
         right = 0 if right < 0 else min(right, 0)
     has_left = left >= 0
     has_right = 0 <= right < Sq - 1  # right >= Sq - 1 hides no key of the L visible ones
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    common = dict(HAS_LEFT=has_left, MIN_CHUNK=min_chunk, BLOCK_N=block_n)
-    split_meta = dict(
-        HKV=Hkv, GROUP=group, SQ=Sq, HEAD_DIM=D, BLOCK_M=max(16, _next_pow2(rows)), BLOCK_D=block_d,
-        PAGED=paged, PAGE_SIZE=page_size, HAS_RIGHT=has_right, PREC=prec, DOT_F32=q.device.type == "cpu",
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]), **common,
-    )
-    merge_meta = dict(H=H, SQ=Sq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(ns)),
-                      num_warps=int(cfg["merge_num_warps"]), **common)
-    scalars = (p.softmax_scale * LOG2E, ns, capacity, max(left, 0), max(right, 0))
+    left, right = max(left, 0), max(right, 0)
+    lse_offset = B * H * Sq * ns * D
+
+    pl = _Plan()
+    pl.grid1, pl.grid2, pl.ns = (B * Hkv, ns, 1), (B * H * Sq, 1, 1), ns
+    pl.ws_numel = lse_offset + B * H * Sq * ns
+    pl.split_scalars = (p.softmax_scale * LOG2E, lse_offset, ns, snew, capacity, left, right)
+    pl.merge_scalars = (lse_offset, ns, snew, capacity, left)
+    # constexprs in signature order (the fast launch passes every argument positionally)
+    pl.split_const = (Hkv, group, Sq, D, max(16, _next_pow2(rows)), block_n, block_d, paged, page_size,
+                      has_left, has_right, min_chunk, "ieee" if q.dtype == torch.float32 else "tf32",
+                      q.device.type == "cpu")
+    pl.merge_const = (H, Sq, D, block_d, max(2, _next_pow2(ns)), has_left, min_chunk, block_n)
+    pl.split_opts = {"num_warps": int(cfg["num_warps"]), "num_stages": int(cfg["num_stages"])}
+    pl.merge_opts = {"num_warps": int(cfg["merge_num_warps"])}
     # tests: NaN-fill every buffer the kernels must write, so an element they skip fails
-    poison = os.environ.get("QWEN3VL_FLASH_TRITON_POISON", "0") == "1"
-    return ((B * Hkv, ns), (B * H * Sq,), ns, capacity, scalars, split_meta, merge_meta, poison, p.profile)
+    pl.poison = os.environ.get("QWEN3VL_FLASH_TRITON_POISON", "0") == "1"
+    pl.profile = p.profile  # keeps id(p.profile) in the plan key from being reused
+    pl.fast = {} if (FAST_LAUNCH and q.device.type == "cuda") else None
+    return pl
+
+
+_PLANS: Dict[tuple, _Plan] = {}
+
+
+def _launch(pl: _Plan, which: int, kernel, grid, args, const, opts, spec, stream):
+    """One kernel launch; through the cached compiled kernel once one exists for ``spec``."""
+    fast = pl.fast
+    if fast is not None:
+        ck = fast.get((which, spec))
+        if ck is not None:
+            ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, None, None, None,
+                   *args, *const)
+            return
+    ck = kernel[grid](*args, *const, **opts)
+    if fast is not None and ck is not None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
+        fast[(which, spec)] = ck
 
 
 def decode_attention(
@@ -403,7 +442,7 @@ def decode_attention(
         q: (B, Sq, H, D), Sq <= 16, fp16/bf16/fp32; H % Hkv == 0 (query head h reads kv head h // (H // Hkv)).
         k_cache, v_cache: (B, Smax, Hkv, D), or paged (num_pages, page_size, Hkv, D) with
             ``block_table`` int32 (B, max_pages): key j of batch b lives in page
-            ``block_table[b, j // page_size]``, row ``j % page_size``.
+            ``block_table[b, j // page_size]``, row ``j % page_size``. Unit stride in head_dim.
         k, v: (B, Snew, Hkv, D) or None; written at rows cache_seqlens[b] .. + Snew - 1.
         cache_seqlens: int32 (B,) valid lengths *before* the append (device tensor).
         p: AttnParams (softmax_scale, causal: bottom-right aligned, window_size, profile).
@@ -414,18 +453,17 @@ def decode_attention(
 
     Inputs are expected validated by ``interface.flash_attn_with_kvcache`` (overflow included);
     this function reads no tensor values on the host, so it can be captured in a CUDA graph.
+    Lengths past the cache are clamped on the device: nothing outside a cache row is written.
     """
     split_kernel, merge_kernel = _kernels()
-    paged = block_table is not None
     snew = 0 if k is None else k.shape[1]
     key = (q.shape, q.dtype, q.device, k_cache.shape, snew, p.causal, p.window_size, p.softmax_scale,
            id(p.profile), None if block_table is None else block_table.shape)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if paged:
+    pl = _PLANS.get(key)
+    if pl is None:
+        if block_table is not None:
             _check_block_table(block_table, q, k_cache)
-        plan = _PLANS[key] = _plan(q, k_cache, snew, p, paged, block_table)
-    grid1, grid2, ns, capacity, scalars, split_meta, merge_meta, poison, _ = plan
+        pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table)
     B, Sq, H, D = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -433,29 +471,27 @@ def decode_attention(
         k = v = k_cache
     elif k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
-    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((B, H, Sq, ns), dtype=torch.float32, device=q.device)
-    o_part = torch.empty((B, H, Sq, ns, D), dtype=torch.float32, device=q.device)
-    if poison:
-        for t in (out, lse, lse_part, o_part):
+    bt = cache_seqlens if block_table is None else block_table
+    dev = q.device
+    out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=dev)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
+    ws = torch.empty((pl.ws_numel,), dtype=torch.float32, device=dev)
+    if pl.poison:
+        for t in (out, lse, ws):
             t.fill_(float("nan"))
-    bt = block_table if paged else cache_seqlens
-    sq, sk, sv, skn, svn = q.stride(), k_cache.stride(), v_cache.stride(), k.stride(), v.stride()
-    split_kernel[grid1](
-        q, k_cache, v_cache, k, v, cache_seqlens, bt, o_part, lse_part,
-        scalars[0], ns, snew, capacity, scalars[3], scalars[4],
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
-        skn[0], skn[1], skn[2], svn[0], svn[1], svn[2],
-        bt.stride(0) if paged else 0,
-        **split_meta,
-    )
-    merge_kernel[grid2](
-        o_part, lse_part, cache_seqlens, out, lse,
-        ns, snew, capacity, scalars[3],
-        H * D * Sq, H * D, D,
-        **merge_meta,
-    )
+    strides = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+               bt.stride(0) if block_table is not None else 0)
+    spec = stream = None
+    if pl.fast is not None:
+        spec = (q.data_ptr() & 15, k_cache.data_ptr() & 15, v_cache.data_ptr() & 15, k.data_ptr() & 15,
+                v.data_ptr() & 15, cache_seqlens.data_ptr() & 15, bt.data_ptr() & 15, strides)
+        stream = torch._C._cuda_getCurrentRawStream(dev.index)
+    _launch(pl, 0, split_kernel, pl.grid1,
+            (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, *pl.split_scalars, *strides),
+            pl.split_const, pl.split_opts, spec, stream)
+    _launch(pl, 1, merge_kernel, pl.grid2,
+            (ws, cache_seqlens, out, lse, *pl.merge_scalars, H * D * Sq, H * D, D),
+            pl.merge_const, pl.merge_opts, spec, stream)
     return out, lse
 
 
