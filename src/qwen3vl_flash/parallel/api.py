@@ -24,7 +24,7 @@ MODES = ("auto", "ring", "ulysses", "hybrid", "allgather")
 def _local_world_size(world: int) -> int:
     """Ranks per node (torchrun's LOCAL_WORLD_SIZE), the span where all-to-all is cheap."""
     try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     except ValueError:
         return world
 

@@ -1,0 +1,381 @@
+"""Context-parallel attention on several GPUs: ring vs Ulysses vs all-gather (vs hybrid), against
+one GPU and against PyTorch's own ``context_parallel`` (prototype), forward + backward.
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node=2 benchmarks/bench_cp.py                  # issue 6
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node=8 benchmarks/bench_cp.py \\
+        --seqlens 131072,262144,524288 --modes ring,ulysses,hybrid --no-torch-cp         # issue 7
+
+What one run measures (causal, bf16 by default, B=1), every time a median of ``--iters`` timed
+fwd+bwd calls after ``--warmup``, the slowest rank counted:
+
+* ``ours-1gpu``: ``flash_attn_func`` (Triton) on the full sequence on rank 0 alone; GQA 32/8.
+* ``ours-<mode>``: ``context_parallel_attn(mode=<mode>)`` on each rank's zigzag shard; GQA 32/8.
+* the MHA comparison (32/32 heads, the shape PyTorch's numbers in DESIGN.md were taken on):
+  ``ours-1gpu-mha``, ``ours-<mode>-mha``, ``torch-1gpu-{cudnn,flash}`` (SDPA on one GPU) and
+  ``torch-cp-{cudnn,flash}`` (``torch.distributed.tensor.experimental.context_parallel`` around
+  SDPA with that kernel, its default head-tail load balancing).
+* ``--max-len``: the longest sequence (in steps of ``--len-step``) whose fwd+bwd fits on one GPU
+  and on all of them (ours, GQA), by trying lengths until CUDA runs out of memory.
+
+Efficiency = T(1 GPU, full S) / (W * T(W GPUs)). Rows go to ``--csv`` (appended) with the GPU
+names, versions and date; a table is printed. Nothing here runs on CPU: it needs W CUDA GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+
+FIELDS = ["provider", "mode", "world", "B", "seqlen", "H", "Hkv", "D", "dtype", "causal", "p20_ms", "p50_ms",
+          "p80_ms", "efficiency", "tflops_per_gpu", "peak_gb", "status", "gpu", "torch", "triton", "nccl", "date"]
+
+
+def log(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def _versions() -> Dict[str, str]:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "-"
+    try:
+        nv = ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:
+        nv = "-"
+    gpu = torch.cuda.get_device_name() if _cuda() else f"cpu ({os.cpu_count()} cores, smoke run)"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": tv, "nccl": nv,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+DEV = torch.device("cuda")  # --device cpu: a gloo smoke run of the script's logic, not a benchmark
+
+
+def _cuda() -> bool:
+    return DEV.type == "cuda"
+
+
+def _sync() -> None:
+    if _cuda():
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], None], warmup: int, iters: int, group_wide: bool = True) -> List[float]:
+    """Milliseconds per call; with ``group_wide`` every rank runs and the slowest rank counts."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(iters):
+        if group_wide:
+            dist.barrier()
+        _sync()
+        if _cuda():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        t = torch.tensor(ms, device=DEV)
+        if group_wide:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(t.item())
+    return times
+
+
+def _quantiles(ts: List[float]):
+    qs = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) >= 2 else [ts[0]] * 9
+    return qs[1], statistics.median(ts), qs[7]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.dtype = getattr(torch, args.dtype)
+        self.rows: List[Dict] = []
+        self.meta = _versions()
+        self.baselines: Dict[tuple, float] = {}
+
+    # ---- one measurement -------------------------------------------------------------------
+    def record(self, provider, mode, S, H, Hkv, fn_factory, world: int, baseline_key=None, group_wide=True):
+        a = self.args
+        row = dict(provider=provider, mode=mode, world=world, B=a.batch, seqlen=S, H=H, Hkv=Hkv, D=a.head_dim,
+                   dtype=a.dtype, causal=True, **self.meta)
+        if _cuda():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        status, ts = "ok", None
+        try:
+            fn = fn_factory()
+            ts = _time(fn, a.warmup, a.iters, group_wide)
+            del fn
+        except torch.cuda.OutOfMemoryError:
+            status = "oom"
+        except Exception as e:  # a prototype API that changed, a kernel that cannot run, ...
+            status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        if group_wide:  # every rank agrees on the status (an OOM on one rank is an OOM)
+            bad = torch.tensor(0 if status == "ok" else 1, device=DEV)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item() and status == "ok":
+                status = "failed on another rank"
+        row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if _cuda() else 0.0
+        row["status"] = status
+        if status == "ok":
+            p20, p50, p80 = _quantiles(ts)
+            row.update(p20_ms=round(p20, 3), p50_ms=round(p50, 3), p80_ms=round(p80, 3))
+            flops = 4.0 * a.batch * H * S * S * a.head_dim / 2 * 2.5  # causal, fwd+bwd
+            row["tflops_per_gpu"] = round(flops / world / (p50 * 1e-3) / 1e12, 1)
+            if world == 1 and baseline_key is not None:
+                self.baselines[baseline_key] = p50
+            elif baseline_key is not None and baseline_key in self.baselines:
+                row["efficiency"] = round(self.baselines[baseline_key] / (world * p50), 3)
+        self.rows.append(row)
+        log(f"  {provider:<22} S={S:>7} {H}/{Hkv}  {row.get('p50_ms', '-'):>9} ms  "
+            f"eff {row.get('efficiency', '-')}  peak {row['peak_gb']} GB  {status}")
+        return row
+
+    # ---- the pieces --------------------------------------------------------------------------
+    def _qkv_local(self, S_local, H, Hkv):
+        a, dev = self.args, DEV
+        mk = lambda h: torch.randn(a.batch, S_local, h, a.head_dim, device=dev, dtype=self.dtype)
+        q, k, v = mk(H).requires_grad_(), mk(Hkv).requires_grad_(), mk(Hkv).requires_grad_()
+        return q, k, v, mk(H)
+
+    def ours_1gpu(self, S, H, Hkv, tag):
+        import qwen3vl_flash as qf
+
+        def factory():
+            q, k, v, do = self._qkv_local(S, H, Hkv)
+
+            def fn():
+                q.grad = k.grad = v.grad = None
+                qf.flash_attn_func(q, k, v, causal=True, backend=self.args.backend).backward(do)
+            return fn
+        self._rank0_only(f"ours-1gpu{tag}", "1gpu", S, H, Hkv, factory, ("ours", S, H, Hkv))
+
+    def ours_cp(self, S, H, Hkv, mode, tag):
+        from qwen3vl_flash.parallel import context_parallel_attn
+
+        def factory():
+            q, k, v, do = self._qkv_local(S // self.world, H, Hkv)
+
+            def fn():
+                q.grad = k.grad = v.grad = None
+                context_parallel_attn(q, k, v, causal=True, mode=mode).backward(do)
+            return fn
+        self.record(f"ours-{mode}{tag}", mode, S, H, Hkv, factory, self.world, ("ours", S, H, Hkv))
+
+    def torch_1gpu(self, S, H, kernel):
+        import torch.nn.functional as F
+        from torch.nn.attention import sdpa_kernel
+
+        def factory():
+            a, dev = self.args, DEV
+            q, k, v, do = (torch.randn(a.batch, H, S, a.head_dim, device=dev, dtype=self.dtype) for _ in range(4))
+            for t in (q, k, v):
+                t.requires_grad_()
+
+            def fn():
+                q.grad = k.grad = v.grad = None
+                with sdpa_kernel([_sdpa_backend(kernel)]):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+            return fn
+        self._rank0_only(f"torch-1gpu-{kernel}", "1gpu", S, H, H, factory, ("torch", kernel, S, H))
+
+    def torch_cp(self, S, H, kernel):
+        """PyTorch's prototype: ``context_parallel`` shards the buffers in place and swaps SDPA for
+        its ring implementation inside the context."""
+        import torch.nn.functional as F
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+        from torch.nn.attention import sdpa_kernel
+
+        mesh = init_device_mesh(DEV.type, (self.world,))
+        a, dev = self.args, DEV
+        q, k, v, do = (torch.randn(a.batch, H, S, a.head_dim, device=dev, dtype=self.dtype) for _ in range(4))
+        holder = {}
+
+        def factory():
+            ctx = context_parallel(mesh, buffers=[q, k, v, do], buffer_seq_dims=[2, 2, 2, 2],
+                                   no_restore_buffers={q, k, v, do})
+            ctx.__enter__()
+            holder["ctx"] = ctx
+            for t in (q, k, v):
+                t.requires_grad_()
+
+            def fn():
+                q.grad = k.grad = v.grad = None
+                with sdpa_kernel([_sdpa_backend(kernel)]):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+            return fn
+        try:
+            self.record(f"torch-cp-{kernel}", "torch-cp", S, H, H, factory, self.world, ("torch", kernel, S, H))
+        finally:
+            if "ctx" in holder:
+                holder["ctx"].__exit__(None, None, None)
+
+    def _rank0_only(self, provider, mode, S, H, Hkv, factory, key):
+        """One-GPU baselines run on rank 0 while the others wait; the result is shared."""
+        if self.rank == 0:
+            row = self.record(provider, mode, S, H, Hkv, factory, 1, key, group_wide=False)
+            p50 = row.get("p50_ms", float("nan"))
+        else:
+            p50 = float("nan")
+        t = torch.tensor(p50, device=DEV, dtype=torch.float64)
+        dist.broadcast(t, 0)
+        if t.item() == t.item():
+            self.baselines[key] = t.item()
+
+    # ---- longest sequence ----------------------------------------------------------------------
+    def max_len(self, H, Hkv, modes):
+        a = self.args
+        results = {}
+        for label, world, runner in [("1gpu", 1, None)] + [(m, self.world, m) for m in modes]:
+            S, best = a.len_step, 0
+            while S <= a.len_limit:
+                if world == 1:
+                    ok = torch.tensor(0, device=DEV)
+                    if self.rank == 0:
+                        ok.fill_(int(self._fits(lambda: self.ours_1gpu_once(S, H, Hkv))))
+                    dist.broadcast(ok, 0)
+                else:
+                    ok = torch.tensor(int(self._fits(lambda: self.ours_cp_once(S, H, Hkv, runner))), device=DEV)
+                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                if not ok.item():
+                    break
+                best, S = S, S + a.len_step
+            results[label] = best
+            log(f"  longest fwd+bwd that fits, {label}: {best} tokens")
+        for label, best in results.items():
+            self.rows.append(dict(provider=f"max-len-{label}", mode=label, world=1 if label == "1gpu" else self.world,
+                                  B=a.batch, seqlen=best, H=H, Hkv=Hkv, D=a.head_dim, dtype=a.dtype, causal=True,
+                                  status="ok", **self.meta))
+        return results
+
+    def _fits(self, fn) -> bool:
+        if _cuda():
+            torch.cuda.empty_cache()
+        try:
+            fn()
+            _sync()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            if _cuda():
+                torch.cuda.empty_cache()
+
+    def ours_1gpu_once(self, S, H, Hkv):
+        import qwen3vl_flash as qf
+
+        q, k, v, do = self._qkv_local(S, H, Hkv)
+        qf.flash_attn_func(q, k, v, causal=True, backend=self.args.backend).backward(do)
+
+    def ours_cp_once(self, S, H, Hkv, mode):
+        from qwen3vl_flash.parallel import context_parallel_attn
+
+        q, k, v, do = self._qkv_local(S // self.world, H, Hkv)
+        context_parallel_attn(q, k, v, causal=True, mode=mode).backward(do)
+
+
+def _sdpa_backend(kernel: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}[kernel]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description="context-parallel attention benchmark (torchrun, CUDA)")
+    p.add_argument("--seqlens", default="32768,65536,131072")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a gloo smoke run of this script (tiny --seqlens), not a measurement")
+    p.add_argument("--modes", default="ring,ulysses,allgather", help="comma list; hybrid needs >= 4 GPUs")
+    p.add_argument("--backend", default="auto", help="one-GPU kernel for ours-1gpu (auto = triton on CUDA)")
+    p.add_argument("--no-mha", action="store_true", help="skip the 32/32-head comparison with PyTorch")
+    p.add_argument("--no-torch-cp", action="store_true", help="skip PyTorch's context_parallel rows")
+    p.add_argument("--torch-kernels", default="cudnn,flash")
+    p.add_argument("--max-len", action="store_true", help="also search the longest sequence that fits")
+    p.add_argument("--len-step", type=int, default=16384)
+    p.add_argument("--len-limit", type=int, default=1 << 21)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--csv", default="benchmarks/results/cp.csv")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    global DEV
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see the device notes)
+    if args.device == "cpu":
+        DEV = torch.device("cpu")
+        dist.init_process_group("gloo")
+    else:
+        if not torch.cuda.is_available():
+            print("bench_cp.py needs CUDA GPUs (torchrun --nproc_per_node=<gpus>), or --device cpu for a smoke run",
+                  file=sys.stderr)
+            return 2
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        DEV = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=DEV)
+    b = Bench(args)
+    modes = [m for m in args.modes.split(",") if m]
+    H, Hkv = args.heads, args.kv_heads
+    log(f"{b.world} x {b.meta['gpu']}, torch {b.meta['torch']}, triton {b.meta['triton']}, nccl {b.meta['nccl']}")
+    for S in map(int, args.seqlens.split(",")):
+        log(f"S = {S}: GQA {H}/{Hkv}, head_dim {args.head_dim}, {args.dtype}, causal, fwd+bwd")
+        b.ours_1gpu(S, H, Hkv, "")
+        for m in modes:
+            b.ours_cp(S, H, Hkv, m, "")
+        if not args.no_mha and Hkv != H:
+            log(f"S = {S}: MHA {H}/{H} beside PyTorch")
+            b.ours_1gpu(S, H, H, "-mha")
+            for m in ("ring", "ulysses"):
+                b.ours_cp(S, H, H, m, "-mha")
+            for kern in args.torch_kernels.split(","):
+                b.torch_1gpu(S, H, kern)
+                if not args.no_torch_cp:
+                    b.torch_cp(S, H, kern)
+    if args.max_len:
+        log("longest sequence (ours, GQA, fwd+bwd)")
+        b.max_len(H, Hkv, [m for m in modes if m != "allgather"][:1] or ["ring"])
+    if b.rank == 0:
+        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerows(b.rows)
+        print(f"wrote {len(b.rows)} rows to {args.csv}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
