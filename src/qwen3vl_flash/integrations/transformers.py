@@ -283,6 +283,20 @@ def _output_attentions_requested(kwargs) -> bool:
     return bool(collected) and "attentions" in collected
 
 
+def _segment_mask(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(1, 1, Tq, Tk) bool mask of packed segments (causal bottom-right inside each)."""
+    lens_q, lens_k = (cu_q[1:] - cu_q[:-1]).long(), (cu_k[1:] - cu_k[:-1]).long()
+    n = torch.arange(lens_q.numel(), device=cu_q.device)
+    seg_q, seg_k = n.repeat_interleave(lens_q), n.repeat_interleave(lens_k)
+    mask = seg_q.unsqueeze(1) == seg_k.unsqueeze(0)
+    if causal:
+        pos_q = torch.arange(seg_q.numel(), device=cu_q.device) - cu_q[:-1].long()[seg_q]
+        pos_k = torch.arange(seg_k.numel(), device=cu_q.device) - cu_k[:-1].long()[seg_k]
+        off = (lens_k - lens_q)[seg_q]
+        mask &= pos_k.unsqueeze(0) <= (pos_q + off).unsqueeze(1)
+    return mask.view(1, 1, *mask.shape)
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function registered with transformers' ``AttentionInterface``.
 
@@ -292,12 +306,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     training = bool(getattr(module, "training", False))
+    cu_q = kwargs.get("cu_seq_lens_q")
     if _output_attentions_requested(kwargs) or (dropout and training):
         why = "output_attentions=True" if _output_attentions_requested(kwargs) else "attention dropout"
         _warn_once(("eager", why), f"qwen3vl_flash: {why} needs the attention weights; those calls "
                    "fall back to eager (materialised) attention")
-        return _eager(query, key, value, attention_mask, causal, scale, dropout, training)
-    cu_q = kwargs.get("cu_seq_lens_q")
+        mask = attention_mask
+        if cu_q is not None and mask is None:  # packed segments never see each other
+            mask = _segment_mask(cu_q, kwargs.get("cu_seq_lens_k", cu_q), causal)
+            causal = False
+        return _eager(query, key, value, mask, causal, scale, dropout, training)
     if cu_q is not None and attention_mask is None and query.shape[0] == 1:
         cu_k = kwargs.get("cu_seq_lens_k", cu_q)
         max_q = kwargs.get("max_length_q")
