@@ -1,15 +1,223 @@
-"""``triton``: placeholder registration until the kernels land (replaced by the Triton work)."""
+"""``triton``: our FlashAttention-2 kernels (:mod:`.triton_fwd`, :mod:`.triton_bwd`) as a backend.
+
+Three tiers, as in flash-attn:
+
+1. registered ops ``qwen3vl_flash::triton_fwd`` / ``qwen3vl_flash::triton_bwd``
+   (``torch.library.custom_op`` + ``register_fake``), so ``torch.compile`` traces through them
+   without graph breaks; triton itself is imported only when an op actually runs;
+2. :class:`TritonBackend` (``forward`` / ``backward`` of the backend contract, wrapped in one
+   autograd Function by :mod:`qwen3vl_flash.interface`);
+3. the public functions in :mod:`qwen3vl_flash.interface`.
+
+Where it runs: CUDA GPUs of compute capability >= 8.0 (Ampere, Ada, Hopper), and CPU tensors
+under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is first imported; slow,
+for tests). dtypes: fp16 and bf16 (fp32 accumulation); fp32 with full-precision dots (no tf32);
+float64 is refused (``auto`` then falls to ``tiled``). head_dim up to 256; non-powers of two are
+split into two tensor-core dots (72 = 64 + 16, see :func:`.triton_fwd.split_head_dim`).
+
+Tiles come from ``profile.triton`` (data, :mod:`qwen3vl_flash.hardware.profiles`)::
+
+    {"fwd": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+     "fwd_d256": {...},            # optional per padded-head-dim override (d64, d128, d256)
+     "bwd": {...}, "bwd_d256": {...},
+     "head_split": "split"}        # or "pad"
+
+A missing entry means: autotune once over a short pruned list on GPU (cached per shape class),
+or the interpreter's small tiles on CPU.
+"""
 
 from __future__ import annotations
 
-from .base import Backend, register_backend
+import importlib.util
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from .._optional import require
+from .base import AttnParams, AttnRequest, Backend, register_backend
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MIN_CAPABILITY = (8, 0)
+_NO_CONFIG = [-1, -1, -1, -1]
+
+
+# Looked up once at import (without importing triton), so check() stays traceable by dynamo.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
+def _triton_available() -> bool:
+    return _TRITON_FOUND
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2_key(head_dim: int) -> str:
+    return f"d{1 << max(4, (head_dim - 1).bit_length())}"
+
+
+def _config_list(profile, kind: str, head_dim: int) -> List[int]:
+    """[BLOCK_M, BLOCK_N, num_warps, num_stages] from the profile, or -1s (= autotune)."""
+    tri = getattr(profile, "triton", None) or {}
+    cfg = tri.get(f"{kind}_{_pow2_key(head_dim)}") or tri.get(kind)
+    if not cfg:
+        return list(_NO_CONFIG)
+    return [int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"]), int(cfg.get("num_warps", 4)), int(cfg.get("num_stages", 2))]
+
+
+def _config_dict(c: List[int]) -> Optional[dict]:
+    if c[0] < 0:
+        return None
+    return {"BLOCK_M": c[0], "BLOCK_N": c[1], "num_warps": c[2], "num_stages": c[3]}
+
+
+def _head_split(profile) -> str:
+    tri = getattr(profile, "triton", None) or {}
+    return str(tri.get("head_split", "split"))
+
+
+# --------------------------------------------------------------------------------------------
+# registered ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("qwen3vl_flash::triton_fwd", mutates_args=())
+def triton_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    config: List[int],
+    head_split: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out like q, lse float32 (B, H, Sq) dense / (H, Tq) varlen). config: [BLOCK_M, BLOCK_N,
+    num_warps, num_stages], -1s to autotune."""
+    require("triton", "backend='triton'")
+    from .triton_fwd import attention_forward
+
+    return attention_forward(
+        q, k, v, softmax_scale, causal, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
+        max_seqlen_q, max_seqlen_k, config=_config_dict(config), head_split=head_split,
+    )
+
+
+@triton_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left, window_right, config, head_split):
+    out = torch.empty_like(q)
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("qwen3vl_flash::triton_bwd", mutates_args=())
+def triton_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    config: List[int],
+    head_split: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped like (q, k, v)."""
+    require("triton", "backend='triton'")
+    from .triton_bwd import attention_backward
+
+    return attention_backward(
+        dout, q, k, v, out, lse, softmax_scale, causal, (window_left, window_right),
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config=_config_dict(config),
+        head_split=head_split,
+    )
+
+
+@triton_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      causal, window_left, window_right, config, head_split):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# --------------------------------------------------------------------------------------------
+# backend
+# --------------------------------------------------------------------------------------------
 
 
 class TritonBackend(Backend):
     name = "triton"
+    native_autograd = False
 
-    def check(self, req):
-        return "the Triton kernels are not part of this build yet"
+    def check(self, req: AttnRequest) -> Optional[str]:
+        if req.dtype == torch.float64:
+            return "float64 is not supported by the Triton kernels (use backend='tiled' or 'eager')"
+        if req.dtype not in _SUPPORTED_DTYPES:
+            return f"dtype {req.dtype} is not supported (expected float16, bfloat16 or float32)"
+        if req.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {req.head_dim} > {MAX_HEAD_DIM} is not supported by the Triton kernels"
+        if not _triton_available():
+            return "triton is not installed (pip install triton)"
+        if req.device_type == "cuda":
+            cap = req.device_capability
+            if cap is not None and tuple(cap) < MIN_CAPABILITY:
+                return (
+                    f"CUDA compute capability {cap[0]}.{cap[1]} < 8.0: the Triton kernels need "
+                    "sm80+ (Ampere or newer); GTX 10-series (sm61) uses 'sdpa' or 'tiled'"
+                )
+            return None
+        if req.device_type == "cpu":
+            if not _interpreting():
+                return "CPU tensors run through Triton only under its interpreter (set TRITON_INTERPRET=1)"
+            return None
+        return f"device type {req.device_type!r} is not supported by the Triton kernels"
+
+    @staticmethod
+    def _common(q: torch.Tensor, p: AttnParams):
+        left, right = p.window_size
+        return (
+            p.cu_seqlens_q, p.cu_seqlens_k, int(p.max_seqlen_q), int(p.max_seqlen_k),
+            float(p.softmax_scale), bool(p.causal), int(left), int(right),
+        )
+
+    def forward(self, q, k, v, p: AttnParams):
+        cfg = _config_list(p.profile, "fwd", q.shape[-1])
+        return triton_fwd_op(q, k, v, *self._common(q, p), cfg, _head_split(p.profile))
+
+    def backward(self, dout, q, k, v, out, lse, p: AttnParams):
+        cfg = _config_list(p.profile, "bwd", q.shape[-1])
+        return triton_bwd_op(dout, q, k, v, out, lse, *self._common(q, p), cfg, _head_split(p.profile))
+
+    # -- decode (flash_attn_with_kvcache): delegated to the split-KV kernels in triton_decode.py
+    def kvcache_check(self, q, k_cache, p: AttnParams) -> Optional[str]:
+        try:
+            from . import triton_decode
+        except ImportError as exc:
+            return f"the Triton decode kernels are unavailable ({exc})"
+        return triton_decode.decode_check(q, k_cache, p)
+
+    def kvcache_attention(self, q, k_cache, v_cache, k, v, cache_seqlens, p: AttnParams, block_table=None):
+        from . import triton_decode
+
+        return triton_decode.decode_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
 
 
 register_backend(TritonBackend())

@@ -181,8 +181,13 @@ def profile_for_device(device: torch.device) -> TileProfile:
     return prof
 
 
-@torch.compiler.assume_constant_result
 def _detected_profile_name(device_type: str, index: Optional[int]) -> str:
     """Run once per device, outside any compiled graph (a constant to torch.compile)."""
     device = torch.device(device_type) if index is None else torch.device(device_type, index)
     return _profile_for(detect_hardware(device)).name
+
+
+# What torch.compiler.assume_constant_result does, without its `import torch._dynamo`: that import
+# pulls in triton, which must not be imported before TRITON_INTERPRET is set (the interpreter
+# then breaks: triton.language's own jit functions are built at import).
+_detected_profile_name._dynamo_marked_constant = True

@@ -1,0 +1,242 @@
+"""The ``triton`` backend, run through Triton's CPU interpreter (TRITON_INTERPRET=1) at small shapes.
+
+Rule (flash-attn's): max|out - ref| <= 2 * max|out_lowprec_torch - ref| + atol (3x for gradients),
+ref in float32 (upcast), the low-precision baseline ``attention_ref(..., upcast=False)``.
+Outputs are poisoned with NaN before the kernels write them (QWEN3VL_FLASH_TRITON_POISON=1), so an
+element a kernel forgets to write fails the comparison.
+"""
+
+import os
+
+# The interpreter is chosen when a @triton.jit function is defined, so this must precede the
+# first import of the kernel modules (ideally CI sets it process-wide).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["QWEN3VL_FLASH_TRITON_POISON"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import qwen3vl_flash as qf  # noqa: E402
+from qwen3vl_flash.backends.base import AttnRequest, get_backend  # noqa: E402
+from qwen3vl_flash.reference import attention_ref, attention_ref_varlen  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="TRITON_INTERPRET was set to something other than 1"
+)
+
+
+def _fresh(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(dtype)
+
+
+def _err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _assert_close(name, out, ref, low, factor, atol):
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten or NaN)"
+    err, base = _err(out, ref), _err(low, ref)
+    assert err <= factor * base + atol, f"{name}: err {err:.3g} > {factor} * torch's {base:.3g} + {atol}"
+
+
+def _grads(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+
+
+# (B, Sq, Sk, H, Hkv, D, causal, window, dtype)
+DENSE_CASES = [
+    pytest.param(1, 113, 203, 4, 2, 72, True, (-1, -1), torch.bfloat16, id="odd-113x203-hd72-causal-gqa2-bf16"),
+    pytest.param(2, 64, 64, 2, 2, 64, False, (-1, -1), torch.float16, id="mha-hd64-fp16-B2"),
+    pytest.param(1, 80, 48, 16, 1, 128, True, (-1, -1), torch.bfloat16, id="sq>sk-empty-rows-gqa16-hd128"),
+    pytest.param(1, 90, 90, 2, 1, 80, False, (17, 5), torch.float16, id="window-17-5-hd80"),
+    pytest.param(1, 40, 100, 4, 2, 96, True, (8, -1), torch.bfloat16, id="causal-window-left-hd96"),
+    pytest.param(1, 33, 47, 2, 2, 48, False, (-1, -1), torch.float32, id="fp32-hd48"),
+]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,window,dtype", DENSE_CASES)
+def test_dense_forward_backward(B, Sq, Sk, H, Hkv, D, causal, window, dtype):
+    q = _fresh((B, Sq, H, D), dtype, 1)
+    k = _fresh((B, Sk, Hkv, D), dtype, 2)
+    v = _fresh((B, Sk, Hkv, D), dtype, 3)
+    dout = _fresh((B, Sq, H, D), dtype, 4)
+    kw = dict(causal=causal, window_size=window)
+    out, dq, dk, dv = _grads(lambda a, b, c: qf.flash_attn_func(a, b, c, backend="triton", **kw), q, k, v, dout)
+    ref, rq, rk, rv = _grads(lambda a, b, c: attention_ref(a, b, c, **kw), q, k, v, dout)
+    low, lq, lk, lv = _grads(lambda a, b, c: attention_ref(a, b, c, upcast=False, **kw), q, k, v, dout)
+    atol = ATOL[dtype]
+    _assert_close("out", out, ref, low, 2, atol)
+    _assert_close("dq", dq, rq, lq, 3, atol)
+    _assert_close("dk", dk, rk, lk, 3, atol)
+    _assert_close("dv", dv, rv, lv, 3, atol)
+
+    # lse, including -inf for rows that see no key (causal with Sq > Sk)
+    _, lse = qf.flash_attn_func(q, k, v, backend="triton", return_lse=True, **kw)
+    _, rlse = attention_ref(q, k, v, return_lse=True, **kw)
+    assert lse.dtype == torch.float32 and lse.shape == (B, H, Sq)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+    seen = ~torch.isneginf(rlse)
+    assert not torch.isnan(lse).any()
+    assert (lse[seen] - rlse[seen]).abs().max().item() <= 1e-3
+
+
+def test_fully_masked_rows_zero_output_and_grads():
+    # causal, Sq=48 > Sk=16: the first 32 query rows see no key
+    q, k, v = (_fresh(s, torch.float16, i) for i, s in enumerate([(1, 48, 2, 64), (1, 16, 2, 64), (1, 16, 2, 64)]))
+    dout = _fresh((1, 48, 2, 64), torch.float16, 9)
+    out, dq, dk, dv = _grads(lambda a, b, c: qf.flash_attn_func(a, b, c, causal=True, backend="triton"), q, k, v, dout)
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    assert out[:, :32].abs().max().item() == 0.0
+    assert dq[:, :32].abs().max().item() == 0.0
+    assert out[:, 32:].abs().max().item() > 0.0
+
+
+@pytest.mark.parametrize(
+    "lens_q,lens_k,H,Hkv,D,causal,dtype",
+    [
+        pytest.param([37, 0, 64, 19], [37, 0, 64, 19], 4, 4, 72, False, torch.bfloat16, id="vision-hd72-empty-segment"),
+        pytest.param([5, 50, 1], [30, 50, 17], 4, 1, 64, True, torch.float16, id="causal-sq<sk-gqa4"),
+    ],
+)
+def test_varlen_forward_backward(lens_q, lens_k, H, Hkv, D, causal, dtype):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    q = _fresh((sum(lens_q), H, D), dtype, 11)
+    k = _fresh((sum(lens_k), Hkv, D), dtype, 12)
+    v = _fresh((sum(lens_k), Hkv, D), dtype, 13)
+    dout = _fresh((sum(lens_q), H, D), dtype, 14)
+
+    def ours(a, b, c):
+        return qf.flash_attn_varlen_func(a, b, c, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, backend="triton")
+
+    out, dq, dk, dv = _grads(ours, q, k, v, dout)
+    ref, rq, rk, rv = _grads(lambda a, b, c: attention_ref_varlen(a, b, c, cu_q, cu_k, causal=causal), q, k, v, dout)
+    low, lq, lk, lv = _grads(
+        lambda a, b, c: attention_ref_varlen(a, b, c, cu_q, cu_k, causal=causal, upcast=False), q, k, v, dout
+    )
+    atol = ATOL[dtype]
+    _assert_close("out", out, ref, low, 2, atol)
+    _assert_close("dq", dq, rq, lq, 3, atol)
+    _assert_close("dk", dk, rk, lk, 3, atol)
+    _assert_close("dv", dv, rv, lv, 3, atol)
+    _, lse = qf.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                       return_lse=True, backend="triton")
+    _, rlse = attention_ref_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+    assert lse.shape == (H, sum(lens_q))
+    seen = ~torch.isneginf(rlse)
+    assert torch.equal(seen, ~torch.isneginf(lse))
+    assert (lse[seen] - rlse[seen]).abs().max().item() <= 1e-3
+
+
+def test_split_and_pad_head_dim_agree():
+    from qwen3vl_flash.backends.triton_fwd import attention_forward, split_head_dim
+
+    assert split_head_dim(72) == (64, 16) and split_head_dim(80) == (64, 16) and split_head_dim(96) == (64, 32)
+    assert split_head_dim(128) == (128, 0) and split_head_dim(72, "pad") == (128, 0)
+    assert split_head_dim(200) == (128, 128) and split_head_dim(8) == (16, 0)
+    q, k, v = (_fresh((1, 50, 2, 72), torch.float16, i) for i in range(3))
+    a, la = attention_forward(q, k, v, 72 ** -0.5, causal=True, head_split="split")
+    b, lb = attention_forward(q, k, v, 72 ** -0.5, causal=True, head_split="pad")
+    assert _err(a, b) <= 2e-3 and _err(la, lb) <= 1e-4
+
+
+def test_check_reasons(monkeypatch):
+    be = get_backend("triton")
+
+    def req(**kw):
+        base = dict(device_type="cuda", dtype=torch.bfloat16, head_dim=128, num_heads=32, num_kv_heads=8,
+                    seqlen_q=1024, seqlen_k=1024, device_capability=(9, 0))
+        base.update(kw)
+        return AttnRequest(**base)
+
+    assert be.check(req()) is None
+    assert "float64" in be.check(req(dtype=torch.float64))
+    assert "256" in be.check(req(head_dim=320))
+    assert "6.1" in be.check(req(device_capability=(6, 1)))
+    assert be.check(req(device_type="cpu")) is None  # interpreter on
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET" in be.check(req(device_type="cpu"))
+    from qwen3vl_flash.backends import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_triton_available", lambda: False)
+    assert "not installed" in be.check(req())
+
+
+def test_explicit_triton_float64_raises():
+    q = torch.randn(1, 8, 2, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        qf.flash_attn_func(q, q, q, backend="triton")
+
+
+def test_profile_config_is_used(monkeypatch):
+    """A profile's triton entry reaches the launcher; a missing entry means autotune (-1s)."""
+    from qwen3vl_flash.backends import triton_fwd
+    from qwen3vl_flash.backends.base import AttnParams
+    from qwen3vl_flash.backends.triton_backend import _config_list
+    from qwen3vl_flash.hardware.profiles import PROFILES
+
+    prof = PROFILES["sm90"]
+    assert _config_list(prof, "fwd", 128)[0] > 0 and _config_list(prof, "bwd", 72)[0] > 0
+    custom = prof.replace(triton={"fwd": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}})
+    assert _config_list(custom, "fwd", 64) == [16, 16, 4, 1]
+    assert _config_list(custom, "bwd", 64) == [-1, -1, -1, -1]
+
+    seen = []
+    real = triton_fwd.attention_forward
+
+    def spy(*a, **kw):
+        seen.append(kw["config"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(triton_fwd, "attention_forward", spy)
+    q, k, v = (_fresh((1, 40, 2, 64), torch.float16, i) for i in range(3))
+    out, _ = get_backend("triton").forward(q, k, v, AttnParams(0.125, causal=True, profile=custom))
+    assert seen == [{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}]
+    ref = attention_ref(q, k, v, 0.125, causal=True)
+    low = attention_ref(q, k, v, 0.125, causal=True, upcast=False)
+    _assert_close("out BLOCK 16", out, ref, low, 2, 1e-3)
+
+
+def test_custom_ops_opcheck():
+    from qwen3vl_flash.backends.triton_backend import triton_bwd_op, triton_fwd_op
+
+    q, k, v = (_fresh(s, torch.float16, i) for i, s in enumerate([(1, 20, 4, 64), (1, 24, 2, 64), (1, 24, 2, 64)]))
+    args = (q, k, v, None, None, 0, 0, 0.125, True, -1, -1, [-1, -1, -1, -1], "split")
+    torch.library.opcheck(triton_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = triton_fwd_op(*args)
+    dout = _fresh(q.shape, torch.float16, 7)
+    bargs = (dout, q, k, v, out, lse, None, None, 0, 0, 0.125, True, -1, -1, [-1, -1, -1, -1], "split")
+    torch.library.opcheck(triton_bwd_op, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    """dynamo traces flash_attn_func(backend='triton') with no graph break (aot_eager: the CPU
+    interpreter cannot be lowered by inductor, so this checks the trace and the fake kernels)."""
+    q, k, v = (_fresh(s, torch.float16, i) for i, s in enumerate([(1, 20, 4, 64), (1, 24, 2, 64), (1, 24, 2, 64)]))
+
+    def fn(a, b, c):
+        return qf.flash_attn_func(a, b, c, causal=True, backend="triton") * 2
+
+    # The backend registry loads its modules on first use (importlib, which dynamo refuses to
+    # trace), so one eager call comes first (base._ensure_loaded; hardware detection needs none).
+    fn(q, k, v)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    qr = q.clone().requires_grad_()
+    out = compiled(qr, k, v)
+    ref = attention_ref(q, k, v, causal=True) * 2
+    low = attention_ref(q, k, v, causal=True, upcast=False) * 2
+    _assert_close("compiled out", out.detach(), ref, low, 2, 2e-3)
+    out.sum().backward()
+    assert qr.grad is not None and torch.isfinite(qr.grad).all()
