@@ -51,18 +51,27 @@ def _kv_heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B * Hkv, S, D)
 
 
-class _Tiling:
-    """Which key tiles a query-row tile visits, and the mask of the partially visible ones.
+def _kv_transposed(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, Hkv, D) -> (B*Hkv, D, S) contiguous: column slices feed the BLAS without a copy."""
+    B, S, Hkv, D = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B * Hkv, D, S)
 
-    Rows are folded (query i = r // g); keys are aligned bottom-right (offset Sk - Sq).
+
+class _Tiling:
+    """Which key tiles a query-row tile visits, and the masks of the partially visible ones.
+
+    Rows are folded (query i = r // g); keys are aligned bottom-right (offset Sk - Sq). A partial
+    tile's mask is an additive bias (0 / -inf, in the score dtype: one fused add instead of a
+    masked_fill) plus the indices of rows that see none of its keys, cached because the diagonal
+    tiles repeat the same pattern.
     """
 
-    def __init__(self, Sq: int, Sk: int, g: int, causal: bool, window: Tuple[int, int], block_n: int, device):
+    def __init__(self, Sq: int, Sk: int, g: int, causal: bool, window: Tuple[int, int], block_n: int, device, dtype):
         left, right = window
         if causal:
             right = 0 if right < 0 else min(right, 0)
         self.Sk, self.g, self.off = Sk, g, Sk - Sq
-        self.left, self.right, self.block_n, self.device = left, right, block_n, device
+        self.left, self.right, self.block_n, self.device, self.dtype = left, right, block_n, device, dtype
         self._masks = {}
 
     def key_range(self, r0: int, r1: int) -> Tuple[int, int]:
@@ -72,7 +81,7 @@ class _Tiling:
         return lo, hi
 
     def tiles(self, r0: int, r1: int):
-        """Yield (c0, c1, mask | None) for the key tiles rows r0:r1 can see."""
+        """Yield (c0, c1, bias | None, empty_rows | None) for the key tiles rows r0:r1 can see."""
         lo, hi = self.key_range(r0, r1)
         if lo >= hi:
             return
@@ -81,40 +90,35 @@ class _Tiling:
         for c0 in range(lo - lo % bn, hi, bn):
             c1 = min(c0 + bn, self.Sk)
             full = (self.right < 0 or c1 - 1 <= i_lo + self.right) and (self.left < 0 or c0 >= i_hi - self.left)
-            yield c0, c1, None if full else self._mask(r0, r1, c0, c1)
+            if full:
+                yield c0, c1, None, None
+            else:
+                yield (c0, c1) + self._mask(r0, r1, c0, c1)
 
-    def _mask(self, r0, r1, c0, c1) -> torch.Tensor:
-        # the mask depends only on the rows' position relative to the keys: diagonal tiles repeat
+    def _mask(self, r0, r1, c0, c1):
+        # the mask depends only on the rows' position relative to the keys
         key = (r0 % self.g, r1 - r0, c1 - c0, c0 - (r0 // self.g + self.off))
-        m = self._masks.get(key)
-        if m is None:
+        hit = self._masks.get(key)
+        if hit is None:
             i = (torch.arange(r0, r1, device=self.device) // self.g + self.off).unsqueeze(1)
             j = torch.arange(c0, c1, device=self.device).unsqueeze(0)
-            m = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=self.device)
+            visible = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=self.device)
             if self.right >= 0:
-                m &= j <= i + self.right
+                visible &= j <= i + self.right
             if self.left >= 0:
-                m &= j >= i - self.left
-            m = ~m  # True where masked, for masked_fill_
-            self._masks[key] = m
-        return m
+                visible &= j >= i - self.left
+            bias = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(~visible, float("-inf"))
+            empty = (~visible.any(-1)).nonzero().flatten()
+            hit = self._masks[key] = (bias, empty if empty.numel() else None)
+        return hit
 
 
-def _scores(qb: torch.Tensor, kb: torch.Tensor, acc: torch.dtype, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """log2-domain scores (BH, rows, cols) in the accumulator dtype, masked entries -inf."""
-    s = torch.bmm(qb, kb.transpose(1, 2))
-    if s.dtype != acc:
-        s = s.to(acc)
-    if mask is not None:
-        s.masked_fill_(mask, float("-inf"))
-    return s
-
-
-def _softmax_tile(s: torch.Tensor, masked: bool) -> torch.Tensor:
-    """Row softmax of a score tile in its own dtype (one fused pass; rows of only -inf give 0)."""
-    if masked:
-        return torch._safe_softmax(s, -1) if hasattr(torch, "_safe_softmax") else torch.softmax(s, -1).nan_to_num_(0.0)
-    return torch.softmax(s, -1)
+def _scores(qb: torch.Tensor, kTb: torch.Tensor, acc: torch.dtype, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scores (BH, rows, cols) = qb @ kTb in the accumulator dtype, masked entries -inf."""
+    s = torch.bmm(qb, kTb)
+    if bias is not None:
+        s.add_(bias)
+    return s if s.dtype == acc else s.to(acc)
 
 
 def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, block_n: int):
@@ -130,26 +134,27 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
     g = H // Hkv
     acc_t = lse_dtype(q.dtype)
     qf = _fold(q * scale, Hkv)  # (BH, R, D), softmax scale folded in once
-    kh, vh = _kv_heads_first(k), _kv_heads_first(v)
+    kT, vh = _kv_transposed(k), _kv_heads_first(v)
     BH, R = qf.shape[0], qf.shape[1]
     out = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
     lse_rows = torch.empty(BH, R, dtype=acc_t, device=q.device)
-    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device)
+    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device, q.dtype)
     ninf = float("-inf")
     for r0 in range(0, R, block_m):
         r1 = min(r0 + block_m, R)
         qb = qf[:, r0:r1]
         acc = lse = None
-        for c0, c1, mask in tiling.tiles(r0, r1):
-            s = torch.bmm(qb, kh[:, c0:c1].transpose(1, 2))  # (BH, rows, cols), input dtype
-            if mask is not None:
-                s.masked_fill_(mask, ninf)
+        for c0, c1, bias, empty in tiling.tiles(r0, r1):
+            s = torch.bmm(qb, kT[:, :, c0:c1])  # (BH, rows, cols), input dtype
+            if bias is not None:
+                s.add_(bias)
             m_t = s.amax(-1).to(acc_t)
-            p = _softmax_tile(s, mask is not None)
-            # lse_t = m_t + log(l_t), with 1 / l_t = max_j p_j; rows with no key: -inf
+            p = torch.softmax(s, -1)
+            # lse_t = m_t + log(l_t), with 1 / l_t = max_j p_j
             lse_t = m_t - torch.log(p.amax(-1).to(acc_t))
-            if mask is not None:
-                lse_t.masked_fill_(torch.isneginf(m_t), ninf)
+            if empty is not None:  # rows that see none of this tile's keys: P = 0, lse_t = -inf
+                p[:, empty] = 0
+                lse_t[:, empty] = ninf
             pv = torch.bmm(p, vh[:, c0:c1]).to(acc_t)
             if acc is None:
                 acc, lse = pv, lse_t
@@ -182,22 +187,23 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
     # lse per folded row in the log2 domain; rows that saw nothing get +inf so P = 0 there
     lse_rows = lse.view(B, Hkv, g, Sq).transpose(2, 3).reshape(B * Hkv, Sq * g).to(acc_t) * LOG2E
     lse_rows = lse_rows.masked_fill(torch.isneginf(lse_rows), float("inf"))
-    kh, vh = _kv_heads_first(k), _kv_heads_first(v)
+    kh, vh, kT = _kv_heads_first(k), _kv_heads_first(v), _kv_transposed(k)
+    vT = _kv_transposed(v)
     BH, R = qf.shape[0], qf.shape[1]
     dq = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
     dk = torch.zeros(BH, Sk, D, dtype=acc_t, device=q.device)
     dv = torch.zeros(BH, Sk, D, dtype=acc_t, device=q.device)
-    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device)
+    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device, q.dtype)
     lowp = q.dtype != acc_t
     for r0 in range(0, R, block_m):
         r1 = min(r0 + block_m, R)
         qb, dob = qf[:, r0:r1], dof[:, r0:r1]
         dq_b = torch.zeros(BH, r1 - r0, D, dtype=acc_t, device=q.device)
         lse_b, delta_b = lse_rows[:, r0:r1].unsqueeze(-1), delta[:, r0:r1].unsqueeze(-1)
-        for c0, c1, mask in tiling.tiles(r0, r1):
-            kb, vb = kh[:, c0:c1], vh[:, c0:c1]
-            p = _scores(qb, kb, acc_t, mask).sub_(lse_b).exp2_()  # (BH, rows, cols)
-            dp = torch.bmm(dob, vb.transpose(1, 2))
+        for c0, c1, bias, _ in tiling.tiles(r0, r1):
+            kb = kh[:, c0:c1]
+            p = _scores(qb, kT[:, :, c0:c1], acc_t, bias).sub_(lse_b).exp2_()  # (BH, rows, cols)
+            dp = torch.bmm(dob, vT[:, :, c0:c1])
             dp = dp.to(acc_t) if lowp else dp
             ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D)
             if lowp:
