@@ -105,6 +105,38 @@ def case_attn(c, seed):
     return res
 
 
+def case_attn_lowp(c, seed):
+    """float32 / bfloat16 inputs: errors of the context-parallel result and of PyTorch's own
+    low-precision computation, both against a float64 reference (the 2x / 3x rule is applied by
+    the parent)."""
+    from qwen3vl_flash.parallel import context_parallel_attn, shard, unshard
+    from qwen3vl_flash.reference import attention_ref
+
+    gen = torch.Generator().manual_seed(seed)
+    B, S, H, Hkv, D = c["B"], c["S"], c["H"], c["Hkv"], c["D"]
+    dt = getattr(torch, c["dtype"])
+    q, k, v = (torch.randn(B, S, h, D, generator=gen).to(dt) for h in (H, Hkv, Hkv))
+    dout = torch.randn(B, S, H, D, generator=gen).to(dt)
+    causal, layout = c["causal"], c["layout"]
+    res = {}
+    refs = {}
+    for name, t, upcast in (("ref", torch.float64, True), ("low", dt, False)):
+        ql, kl, vl = (x.to(t).requires_grad_(True) for x in (q, k, v))
+        o, lse = attention_ref(ql, kl, vl, causal=causal, upcast=upcast, return_lse=True)
+        refs[name] = (o.detach(), lse.detach()) + torch.autograd.grad(o, (ql, kl, vl), dout.to(t))
+    ql, kl, vl = (shard(x, 1, None, layout).requires_grad_(True) for x in (q, k, v))
+    out, lse = context_parallel_attn(ql, kl, vl, causal=causal, mode=c["mode"], layout=layout, return_lse=True,
+                                     backend="tiled")
+    grads = torch.autograd.grad(out, (ql, kl, vl), shard(dout, 1, None, layout))
+    mine = (unshard(out, 1, None, layout), unshard(lse, 2, None, layout)) + tuple(
+        unshard(g, 1, None, layout) for g in grads)
+    for i, key in enumerate(("out", "lse", "dq", "dk", "dv")):
+        res[key] = _maxdiff(mine[i], refs["ref"][i])
+        res[key + "_lowprec"] = _maxdiff(refs["low"][i], refs["ref"][i])
+    res["dtypes"] = [str(t.dtype) for t in mine]
+    return res
+
+
 def case_shard(c, seed):
     """tokens (B, S), MRoPE position ids (3, B, S) and hidden states (B, S, E): shard holds the
     chunks the layout names, unshard restores the sequence."""
@@ -157,7 +189,7 @@ def case_errors(c, seed):
     return out
 
 
-CASES = {"attn": case_attn, "shard": case_shard, "errors": case_errors}
+CASES = {"attn": case_attn, "attn_lowp": case_attn_lowp, "shard": case_shard, "errors": case_errors}
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, cases) -> None:

@@ -54,6 +54,12 @@ CASES_2 = _grid(2, ["ring", "ulysses", "auto", "allgather"],
     _attn("w2-ring-causal-zigzag-S4", "ring", True, "zigzag", 4, 2, 1, B=1),  # one token per chunk
     _attn("w2-NEGATIVE-ring-zigzag-sharded-as-contiguous", "ring", True, "contiguous", 16, 2, 1,
           attn_layout="zigzag", negative=True),
+    dict(kind="attn_lowp", name="w2-lowp-ring-causal-zigzag-float32", mode="ring", causal=True, layout="zigzag",
+         dtype="float32", S=64, H=4, Hkv=2, B=1, D=16),
+    dict(kind="attn_lowp", name="w2-lowp-ring-causal-zigzag-bfloat16", mode="ring", causal=True, layout="zigzag",
+         dtype="bfloat16", S=64, H=4, Hkv=2, B=1, D=16),
+    dict(kind="attn_lowp", name="w2-lowp-ulysses-full-contiguous-bfloat16", mode="ulysses", causal=False,
+         layout="contiguous", dtype="bfloat16", S=64, H=4, Hkv=1, B=1, D=16),
     dict(kind="shard", name="w2-shard-unshard", S=24),
     dict(kind="errors", name="w2-errors"),
 ]
@@ -170,6 +176,23 @@ def test_four_processes(results4, name):
 @pytest.mark.parametrize("name", _ids(CASES_8))
 def test_eight_processes(results8, name):
     _check_attn(results8, _case(CASES_8, name))
+
+
+LOWP_ATOL = {"float32": 1e-6, "bfloat16": 1e-3}
+
+
+@pytest.mark.parametrize("name", _ids(CASES_2, "attn_lowp"))
+def test_two_processes_low_precision(results2, name):
+    """float32 / bf16 inside: within 2x (out, lse) / 3x (grads) of PyTorch's own low-precision error."""
+    case = _case(CASES_2, name)
+    atol = LOWP_ATOL[case["dtype"]]
+    for r, got in enumerate(res[name] for res in results2):
+        assert "error" not in got, f"rank {r} raised in {name}:\n{got.get('error')}"
+        lse_dtype = "torch.float32"
+        assert got["dtypes"] == [f"torch.{case['dtype']}", lse_dtype] + [f"torch.{case['dtype']}"] * 3
+        for key, factor, slack in (("out", 2, 1), ("lse", 2, 10), ("dq", 3, 4), ("dk", 3, 4), ("dv", 3, 4)):
+            bound = factor * got[key + "_lowprec"] + atol * slack
+            assert got[key] <= bound, f"rank {r}: {key} error {got[key]:.3e} > {bound:.3e} in {name}"
 
 
 @pytest.mark.parametrize("world", [2, 4])
