@@ -12,6 +12,7 @@ reference computed in the input dtype (``upcast=False``): "PyTorch's own low-pre
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import zlib
@@ -24,8 +25,6 @@ from qwen3vl_flash.backends.base import AttnRequest, get_backend
 from qwen3vl_flash.reference import attention_ref, attention_ref_varlen
 
 BACKENDS = ["tiled", "sdpa", "eager", "auto"]
-# backends that return the log-sum-exp (PyTorch SDPA does not, by contract)
-LSE_BACKENDS = {"tiled", "eager", "auto"}
 # small absolute slack on top of the 2x/3x rule, per input dtype
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 # gradients: where the reference's own low-precision error is exactly 0 (e.g. one visible key, so
@@ -63,6 +62,15 @@ def backend_unavailable(name: str, device_type: str = "cpu") -> Optional[str]:
     if name == "auto":
         return None
     return get_backend(name).check(_plain_request(device_type))
+
+
+def serves_lse(name: str, device_type: str = "cpu") -> bool:
+    """Whether ``name`` returns the log-sum-exp on this device. tiled, eager and auto must; sdpa
+    may not (PyTorch's GPU SDPA has no lse), and then a request for it must raise (tested)."""
+    if name in ("tiled", "eager", "auto"):
+        return True
+    req = dataclasses.replace(_plain_request(device_type), need_lse=True)
+    return get_backend(name).check(req) is None
 
 
 def skip_if_unavailable(name: str, device_type: str = "cpu") -> None:

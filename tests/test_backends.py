@@ -19,7 +19,6 @@ from qwen3vl_flash.reference import attention_ref, attention_ref_varlen
 
 from conftest import (
     BACKENDS,
-    LSE_BACKENDS,
     backend_dtype_params,
     check_against_reference,
     cu_seqlens,
@@ -27,6 +26,7 @@ from conftest import (
     naive_attention,
     randn,
     reference_triplet,
+    serves_lse,
     skip_if_unavailable,
 )
 
@@ -35,7 +35,7 @@ F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
 def _dense(backend, q, k, v, *, causal=False, window=(-1, -1), scale=None, lse=True, grad=True, what=""):
     """Run flash_attn_func on (q, k, v) and check out, lse (where the backend has it) and grads."""
-    want_lse = lse and backend in LSE_BACKENDS
+    want_lse = lse and serves_lse(backend)
     qg, kg, vg = (x.detach().clone().requires_grad_(grad) for x in (q, k, v))
     res = qf.flash_attn_func(qg, kg, vg, scale, causal, window, want_lse, backend)
     out, out_lse = res if want_lse else (res, None)
@@ -142,7 +142,7 @@ def test_fully_masked_rows(backend, dtype, sq, sk, causal, window):
 def test_sk_zero_and_empty_batch(backend):
     skip_if_unavailable(backend)
     q, k, v = make_qkv(2, 5, 0, 4, 2, 16, F32, requires_grad=True)
-    want = backend in LSE_BACKENDS
+    want = serves_lse(backend)
     res = qf.flash_attn_func(q, k, v, causal=True, return_lse=want, backend=backend)
     out = res[0] if want else res
     assert torch.equal(out, torch.zeros_like(out))
@@ -195,7 +195,7 @@ def _varlen(backend, lq, lk, H, Hkv, D, dtype, causal, window=(-1, -1), grad=Tru
     q = randn(sum(lq), H, D, dtype=dtype, requires_grad=grad)
     k = randn(sum(lk), Hkv, D, dtype=dtype, requires_grad=grad)
     v = randn(sum(lk), Hkv, D, dtype=dtype, requires_grad=grad)
-    want_lse = backend in LSE_BACKENDS
+    want_lse = serves_lse(backend)
     res = qf.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), None, causal, window, want_lse, backend)
     out, lse = res if want_lse else (res, None)
     dout = randn(*out.shape, dtype=dtype)
