@@ -287,3 +287,24 @@ def test_zigzag_reorder_round_trip(size):
     expect = sum(a, []) + sum(reversed(b), [])
     assert y.flatten().tolist() == expect
     assert torch.equal(ring_to_zigzag_gathered(y, size, 1), x)
+
+
+def test_kernel_choice_and_argument_errors():
+    from qwen3vl_flash.parallel import choose_kernel
+
+    q = _rand(1, 8, 4, 8)
+    assert choose_kernel(q, 2, True).name == "tiled"  # CPU: tiled (triton is for CUDA tensors)
+    assert choose_kernel(q, 2, True, "tiled").name == "tiled"
+    with pytest.raises(ValueError, match="forward/backward"):
+        choose_kernel(q, 2, True, "eager")  # differentiable-only backends cannot take a global lse
+    with pytest.raises(ValueError, match="backend="):
+        choose_kernel(q, 2, True, "nonexistent")
+    k = _rand(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="same positions"):
+        context_parallel_attn(q, k, k)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        context_parallel_attn(q, q, q, layout="spiral")
+    with pytest.raises(ValueError, match="multiple of k's head count"):
+        context_parallel_attn(q, _rand(1, 8, 3, 8), _rand(1, 8, 3, 8))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shard(q, 1, layout="spiral")
