@@ -1,0 +1,367 @@
+"""Our Triton FA2 kernels against PyTorch SDPA (flash / cuDNN / efficient) on one GPU, same run.
+
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --out results/      # on the GPU
+    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke          # CPU, tiny shapes: typo check
+
+Steps: (1) correctness at full shapes against qwen3vl_flash.reference (2x/3x rule); (2) a short
+tile sweep for the forward and backward; (3) the table: text causal 32q/8kv hd128 S=1k..32k,
+vision hd72 16 heads (dense 16k and varlen 8 frames, SDPA as a per-frame loop), split vs padded
+head dim, causal block order; (4) peak extra memory at 32k. Times: triton.testing.do_bench
+median. TFLOP/s = 4*B*H*Sq*Sk*D (/2 causal, x2.5 fwd+bwd). Rows go to gpu_kernels_<date>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from qwen3vl_flash.backends.triton_bwd import attention_backward  # noqa: E402
+from qwen3vl_flash.backends.triton_fwd import attention_forward  # noqa: E402
+from qwen3vl_flash.reference import attention_ref, attention_ref_varlen  # noqa: E402
+
+DATE = "2026-11-25"
+FIELDS = ["op", "provider", "mode", "shape", "config", "ms", "tflops", "note", "gpu", "torch", "triton", "date"]
+
+
+class Rows:
+    def __init__(self, path, gpu):
+        self.path, self.gpu = path, gpu
+        import triton
+
+        self.meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, date=DATE)
+        self.rows = []
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, FIELDS).writeheader()
+
+    def add(self, **row):
+        row = {**{k: "" for k in FIELDS}, **row, **self.meta}
+        self.rows.append(row)
+        with open(self.path, "a", newline="") as f:  # appended as we go: a timeout keeps what ran
+            csv.DictWriter(f, FIELDS).writerow(row)
+        print(f"  {row['op']:<34} {row['provider']:<22} {row['mode']:<7} {row['ms']:>9} ms "
+              f"{row['tflops']:>7} TF/s {row['config']} {row['note']}", flush=True)
+
+
+def bench(fn, smoke):
+    if smoke:
+        fn()
+        return float("nan")
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def flops(B, H, Sq, Sk, D, causal, mode):
+    f = 4.0 * B * H * Sq * Sk * D * (0.5 if causal else 1.0)
+    return f * (2.5 if mode == "fwd+bwd" else 1.0)
+
+
+def tf(fl, ms):
+    return "" if not ms == ms else f"{fl / (ms * 1e-3) / 1e12:.1f}"
+
+
+def cfgs(s):
+    return {"BLOCK_M": s[0], "BLOCK_N": s[1], "num_warps": s[2], "num_stages": s[3]}
+
+
+def cfg_str(c):
+    return "" if c is None else f"{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# providers
+# ---------------------------------------------------------------------------------------------
+
+
+def ours_fwd(q, k, v, causal, cfg, split="split", reverse=None, varlen=None):
+    scale = q.shape[-1] ** -0.5
+    if varlen is None:
+        return lambda: attention_forward(q, k, v, scale, causal, config=cfg, head_split=split, reverse_m=reverse)
+    cu, mx = varlen
+    return lambda: attention_forward(q, k, v, scale, causal, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
+                                     max_seqlen_k=mx, config=cfg, head_split=split, reverse_m=reverse)
+
+
+def ours_fwdbwd(q, k, v, do, causal, cfg, bcfg, dqcfg=None, split="split", varlen=None):
+    scale = q.shape[-1] ** -0.5
+    kw = {} if varlen is None else dict(cu_seqlens_q=varlen[0], cu_seqlens_k=varlen[0],
+                                        max_seqlen_q=varlen[1], max_seqlen_k=varlen[1])
+
+    def run():
+        o, lse = attention_forward(q, k, v, scale, causal, config=cfg, head_split=split, **kw)
+        return attention_backward(do, q, k, v, o, lse, scale, causal, config=bcfg, config_dq=dqcfg,
+                                  head_split=split, **kw)
+
+    return run
+
+
+SDPA_KINDS = ("flash", "cudnn", "efficient")
+
+
+def sdpa_backend(name):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+
+def sdpa_fn(kind, q, k, v, causal, mode, do=None):
+    """q (B,S,H,D) -> SDPA on (B,H,S,D) views; GQA: K/V repeated beforehand (outside the timing)
+    because not every SDPA kernel takes enable_gqa."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    H, Hkv = q.shape[2], k.shape[2]
+    qt = q.transpose(1, 2).contiguous().detach().requires_grad_(mode != "fwd")
+    kt = k.repeat_interleave(H // Hkv, 2).transpose(1, 2).contiguous().detach().requires_grad_(mode != "fwd")
+    vt = v.repeat_interleave(H // Hkv, 2).transpose(1, 2).contiguous().detach().requires_grad_(mode != "fwd")
+    dot = None if do is None else do.transpose(1, 2).contiguous()
+    be = sdpa_backend(kind)
+
+    def run():
+        with sdpa_kernel([be]):
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            if mode != "fwd":
+                torch.autograd.grad(o, (qt, kt, vt), dot)
+            return o
+
+    return run
+
+
+def sdpa_varlen_loop(kind, q, k, v, lens, mode, do=None):
+    """The vision tower without a varlen kernel: one SDPA call per frame."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    be = sdpa_backend(kind)
+    frames, start = [], 0
+    for L in lens:
+        sl = slice(start, start + L)
+        start += L
+        frames.append(tuple(t[sl].transpose(0, 1).unsqueeze(0).contiguous().detach().requires_grad_(mode != "fwd")
+                            for t in (q, k, v)) + ((None if do is None else do[sl].transpose(0, 1).unsqueeze(0).contiguous()),))
+
+    def run():
+        with sdpa_kernel([be]):
+            for qf, kf, vf, dof in frames:
+                o = F.scaled_dot_product_attention(qf, kf, vf)
+                if mode != "fwd":
+                    torch.autograd.grad(o, (qf, kf, vf), dof)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------------
+
+
+def rand(*shape, dtype, dev):
+    return torch.randn(*shape, dtype=dtype, device=dev)
+
+
+def check_correct(dev, dtype, smoke, log):
+    """Full-shape correctness (2x rule out, 3x grads) for the shapes we time."""
+    S = 256 if smoke else 2048
+    cases = [  # (B, Sq, Sk, H, Hkv, D, causal, window)
+        (1, S, S, 32, 8, 128, True, (-1, -1)),
+        (1, S // 2 + 3, S + 7, 16, 1, 72, True, (-1, -1)),
+        (2, S // 2, S // 2, 16, 16, 80, False, (-1, -1)),
+        (1, S // 2, S // 2, 8, 2, 96, False, (200, 31)),
+        (1, S // 4, S // 4, 4, 4, 256, True, (-1, -1)),
+    ]
+    if smoke:
+        cases = [(1, 48, 70, 4, 2, 72, True, (-1, -1)), (1, 40, 40, 2, 1, 128, False, (7, 3))]
+    ok = True
+    for B, Sq, Sk, H, Hkv, D, causal, window in cases:
+        q, k, v = rand(B, Sq, H, D, dtype=dtype, dev=dev), rand(B, Sk, Hkv, D, dtype=dtype, dev=dev), rand(B, Sk, Hkv, D, dtype=dtype, dev=dev)
+        do = rand(B, Sq, H, D, dtype=dtype, dev=dev)
+        scale = D ** -0.5
+        o, lse = attention_forward(q, k, v, scale, causal, window)
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, scale, causal, window)
+        res = []
+        for up in (True, False):
+            ql, kl, vl = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            r = attention_ref(ql, kl, vl, scale, causal, window, upcast=up)
+            g = torch.autograd.grad(r, (ql, kl, vl), do)
+            res.append((r,) + g)
+        msgs = []
+        for name, ours, factor, atol in (("out", o, 2, 1e-3), ("dq", dq, 3, 1e-2), ("dk", dk, 3, 1e-2), ("dv", dv, 3, 1e-2)):
+            i = ("out", "dq", "dk", "dv").index(name)
+            err = (ours.float() - res[0][i].float()).abs().max().item()
+            base = (res[1][i].float() - res[0][i].float()).abs().max().item()
+            good = err <= factor * base + atol and torch.isfinite(ours).all().item()
+            ok &= good
+            msgs.append(f"{name} {err:.2e}/{base:.2e}{'' if good else ' FAIL'}")
+        log(f"check B{B} {Sq}x{Sk} H{H}/{Hkv} D{D} causal={causal} win={window}: " + ", ".join(msgs))
+        del q, k, v, do, o, dq, dk, dv, res
+    # varlen hd72, vision-like frames incl. an empty one
+    lens = [37, 0, 300, 129] if smoke else [1000, 0, 3136, 777]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+    T = sum(lens)
+    q, k, v = (rand(T, 16, 72, dtype=dtype, dev=dev) for _ in range(3))
+    o, lse = attention_forward(q, k, v, 72 ** -0.5, False, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                               max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+    r = attention_ref_varlen(q, k, v, cu, cu)
+    lo = attention_ref_varlen(q, k, v, cu, cu, upcast=False)
+    err, base = (o.float() - r.float()).abs().max().item(), (lo.float() - r.float()).abs().max().item()
+    good = err <= 2 * base + 1e-3
+    ok &= good
+    log(f"check varlen hd72 frames {lens}: out {err:.2e}/{base:.2e}{'' if good else ' FAIL'}")
+    return ok
+
+
+FWD_SWEEP = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
+BWD_SWEEP = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 4, 3), (32, 64, 4, 3)]
+
+
+def sweep(rows, label, make, configs, fl, smoke, mode):
+    best, best_ms = None, math.inf
+    for c in configs:
+        cfg = cfgs(c)
+        try:
+            ms = bench(make(cfg), smoke)
+        except Exception as exc:  # out of shared memory / registers
+            rows.add(op=label, provider="triton-sweep", mode=mode, config=cfg_str(cfg), note=f"failed: {type(exc).__name__}")
+            continue
+        rows.add(op=label, provider="triton-sweep", mode=mode, config=cfg_str(cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
+        if ms < best_ms or best is None:
+            best, best_ms = cfg, ms
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter typo check)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip", default="", help="comma list of steps to skip: check,sweep,text,vision,mem")
+    args = ap.parse_args()
+    smoke = args.smoke
+    skip = set(filter(None, args.skip.split(",")))
+    dev = "cpu" if smoke else "cuda"
+    dtype = torch.bfloat16
+    gpu = "cpu-interpreter" if smoke else torch.cuda.get_device_name()
+    os.makedirs(args.out, exist_ok=True)
+    rows = Rows(os.path.join(args.out, f"gpu_kernels_{DATE}.csv"), gpu)
+    t0 = time.time()
+    log = lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True)  # noqa: E731
+    log(f"device {gpu}, torch {torch.__version__}")
+
+    if "check" not in skip:
+        ok = check_correct(dev, dtype, smoke, log)
+        rows.add(op="correctness (2x out / 3x grads)", provider="triton", mode="check", note="PASS" if ok else "FAIL")
+
+    text = [256] if smoke else [1024, 4096, 16384, 32768]
+    H, Hkv, D = (4, 2, 128) if smoke else (32, 8, 128)
+    fwd_cfg = bwd_cfg = None
+    if smoke:
+        fwd_cfg = bwd_cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+    # -- tile sweep at S=4k (16k for the forward too), picks the configs used below
+    if "sweep" not in skip and not smoke:
+        S = 4096
+        q, k, v, do = rand(1, S, H, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev), rand(1, S, H, D, dtype=dtype, dev=dev)
+        fwd_cfg = sweep(rows, f"text causal hd128 S={S}", lambda c: ours_fwd(q, k, v, True, c), FWD_SWEEP,
+                        flops(1, H, S, S, D, True, "fwd"), smoke, "fwd")
+        bwd_cfg = sweep(rows, f"text causal hd128 S={S}", lambda c: ours_fwdbwd(q, k, v, do, True, fwd_cfg, c), BWD_SWEEP,
+                        flops(1, H, S, S, D, True, "fwd+bwd"), smoke, "fwd+bwd")
+        log(f"chosen fwd {cfg_str(fwd_cfg)}, bwd {cfg_str(bwd_cfg)}")
+        del q, k, v, do
+
+    if "text" not in skip:
+        for S in text:
+            q, k, v = rand(1, S, H, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev)
+            do = rand(1, S, H, D, dtype=dtype, dev=dev)
+            op = f"text causal {H}/{Hkv} hd{D} S={S}"
+            modes = ["fwd"] + (["fwd+bwd"] if S <= 16384 else [])
+            for mode in modes:
+                fl = flops(1, H, S, S, D, True, mode)
+                fn = ours_fwd(q, k, v, True, fwd_cfg) if mode == "fwd" else ours_fwdbwd(q, k, v, do, True, fwd_cfg, bwd_cfg)
+                ms = bench(fn, smoke)
+                rows.add(op=op, provider="triton", mode=mode, config=cfg_str(fwd_cfg if mode == "fwd" else bwd_cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
+                if mode == "fwd" and S == 16384 and not smoke:  # causal block order
+                    ms2 = bench(ours_fwd(q, k, v, True, fwd_cfg, reverse=False), smoke)
+                    rows.add(op=op, provider="triton natural order", mode=mode, config=cfg_str(fwd_cfg), ms=f"{ms2:.4f}", tflops=tf(fl, ms2))
+                if smoke:
+                    continue
+                for kind in SDPA_KINDS:
+                    try:
+                        ms = bench(sdpa_fn(kind, q, k, v, True, mode, do), smoke)
+                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, ms=f"{ms:.4f}", tflops=tf(fl, ms), note="K/V repeated")
+                    except Exception as exc:
+                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, note=f"failed: {type(exc).__name__}: {str(exc)[:60]}")
+                torch.cuda.empty_cache()
+            del q, k, v, do
+
+    if "vision" not in skip:
+        Hv, Dv = (4, 72) if smoke else (16, 72)
+        # dense S=16k, split vs padded head dim
+        S = 128 if smoke else 16384
+        q, k, v, do = (rand(1, S, Hv, Dv, dtype=dtype, dev=dev) for _ in range(4))
+        op = f"vision hd72 {Hv}h dense S={S}"
+        for mode in ("fwd", "fwd+bwd"):
+            fl = flops(1, Hv, S, S, Dv, False, mode)
+            for split in ("split", "pad"):
+                fn = ours_fwd(q, k, v, False, fwd_cfg, split) if mode == "fwd" else ours_fwdbwd(q, k, v, do, False, fwd_cfg, bwd_cfg, split=split)
+                ms = bench(fn, smoke)
+                rows.add(op=op, provider=f"triton {split}", mode=mode, config=cfg_str(fwd_cfg if mode == "fwd" else bwd_cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
+            if not smoke:
+                for kind in SDPA_KINDS:
+                    try:
+                        ms = bench(sdpa_fn(kind, q, k, v, False, mode, do), smoke)
+                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, ms=f"{ms:.4f}", tflops=tf(fl, ms))
+                    except Exception as exc:
+                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, note=f"failed: {type(exc).__name__}: {str(exc)[:60]}")
+        del q, k, v, do
+        # varlen: 8 frames, ~18k tokens
+        lens = [40, 70, 33, 64, 50, 20, 90, 61] if smoke else [1024, 4096, 2048, 3136, 1600, 2304, 1936, 2000]
+        T = sum(lens)
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+        q, k, v, do = (rand(T, Hv, Dv, dtype=dtype, dev=dev) for _ in range(4))
+        op = f"vision hd72 {Hv}h varlen 8 frames T={T}"
+        for mode in ("fwd", "fwd+bwd"):
+            fl = sum(flops(1, Hv, L, L, Dv, False, mode) for L in lens)
+            fn = ours_fwd(q, k, v, False, fwd_cfg, varlen=(cu, max(lens))) if mode == "fwd" else ours_fwdbwd(q, k, v, do, False, fwd_cfg, bwd_cfg, varlen=(cu, max(lens)))
+            ms = bench(fn, smoke)
+            rows.add(op=op, provider="triton varlen", mode=mode, config=cfg_str(fwd_cfg if mode == "fwd" else bwd_cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
+            if not smoke:
+                for kind in SDPA_KINDS:
+                    try:
+                        ms = bench(sdpa_varlen_loop(kind, q, k, v, lens, mode, do), smoke)
+                        rows.add(op=op, provider=f"sdpa-{kind} per-frame loop", mode=mode, ms=f"{ms:.4f}", tflops=tf(fl, ms))
+                    except Exception as exc:
+                        rows.add(op=op, provider=f"sdpa-{kind} per-frame loop", mode=mode, note=f"failed: {type(exc).__name__}: {str(exc)[:60]}")
+        del q, k, v, do
+
+    if "mem" not in skip and not smoke:
+        S = 32768
+        q, k, v = rand(1, S, H, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev)
+        io = sum(t.numel() * t.element_size() for t in (q, k, v)) * 1 + q.numel() * q.element_size()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        o, lse = attention_forward(q, k, v, D ** -0.5, True, config=fwd_cfg)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        rows.add(op=f"text causal S={S} peak extra memory", provider="triton", mode="fwd",
+                 note=f"peak {peak / 2**20:.1f} MiB (out+lse incl.) vs inputs+outputs {io / 2**20:.1f} MiB: {(peak + io - q.numel() * q.element_size()) / io:.3f}x")
+        del o, lse
+
+    print("\n=== summary (bf16, median ms, TFLOP/s) on", gpu, "===")
+    for r in rows.rows:
+        if r["provider"] != "triton-sweep":
+            print(f"{r['op']:<40} {r['provider']:<28} {r['mode']:<7} {r['ms']:>9} {r['tflops']:>7} {r['config']} {r['note']}")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
