@@ -137,6 +137,36 @@ def case_attn_lowp(c, seed):
     return res
 
 
+def case_plan(c, seed):
+    """The (Sq, Sk, causal) of every kernel call the ring makes on this rank, forward and
+    backward, through a Backend that wraps tiled and records its calls."""
+    from qwen3vl_flash.backends.base import Backend, get_backend
+    from qwen3vl_flash.parallel import context_parallel_attn
+
+    tiled = get_backend("tiled")
+    calls = {"fwd": [], "bwd": []}
+
+    class Recording(Backend):
+        name = "recording"
+
+        def check(self, req):
+            return None
+
+        def forward(self, q, k, v, p):
+            calls["fwd"].append([q.shape[1], k.shape[1], p.causal])
+            return tiled.forward(q, k, v, p)
+
+        def backward(self, dout, q, k, v, out, lse, p):
+            calls["bwd"].append([q.shape[1], k.shape[1], p.causal])
+            return tiled.backward(dout, q, k, v, out, lse, p)
+
+    S_local = c["S"] // dist.get_world_size()
+    q = torch.randn(1, S_local, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = context_parallel_attn(q, q, q, causal=c["causal"], mode="ring", layout=c["layout"], backend=Recording())
+    out.sum().backward()
+    return calls
+
+
 def case_shard(c, seed):
     """tokens (B, S), MRoPE position ids (3, B, S) and hidden states (B, S, E): shard holds the
     chunks the layout names, unshard restores the sequence."""
@@ -189,7 +219,7 @@ def case_errors(c, seed):
     return out
 
 
-CASES = {"attn": case_attn, "attn_lowp": case_attn_lowp, "shard": case_shard, "errors": case_errors}
+CASES = {"attn": case_attn, "attn_lowp": case_attn_lowp, "plan": case_plan, "shard": case_shard, "errors": case_errors}
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, cases) -> None:

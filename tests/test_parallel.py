@@ -86,6 +86,9 @@ CASES_4 = [
     _attn("w4-hybrid-pair2x2-causal-zigzag-h2kv2", "hybrid", True, "zigzag", 16, 2, 2, group="pair:2x2"),
     _attn("w4-auto-mesh2x2-causal-contiguous-h4kv2", "auto", True, "contiguous", 16, 4, 2, group="mesh:2x2",
           expect_mode="hybrid"),
+    dict(kind="plan", name="w4-plan-causal-zigzag", S=32, causal=True, layout="zigzag"),
+    dict(kind="plan", name="w4-plan-causal-contiguous", S=32, causal=True, layout="contiguous"),
+    dict(kind="plan", name="w4-plan-full-zigzag", S=32, causal=False, layout="zigzag"),
     dict(kind="shard", name="w4-shard-unshard", S=32),
     dict(kind="errors", name="w4-errors"),
 ]
@@ -176,6 +179,28 @@ def test_four_processes(results4, name):
 @pytest.mark.parametrize("name", _ids(CASES_8))
 def test_eight_processes(results8, name):
     _check_attn(results8, _case(CASES_8, name))
+
+
+@pytest.mark.parametrize("name", _ids(CASES_4, "plan"))
+def test_ring_block_plan(results4, name):
+    """Which blocks the ring computes (W=4, S_local = 2c = 8): zigzag causal = one causal diagonal
+    block then exactly half a block per step on every rank; contiguous causal = rank r computes r+1
+    blocks (later ones skipped); non-causal = W full blocks. Forward and backward alike."""
+    case = _case(CASES_4, name)
+    W, L = 4, case["S"] // 4
+    c = L // 2
+    for r, res in enumerate(results4):
+        got = res[name]
+        assert "error" not in got, got.get("error")
+        if case["layout"] == "zigzag" and case["causal"]:
+            # step s brings rank (r - s) mod W: lower ranks give (2c x c), higher ranks (c x 2c)
+            expect = [[L, L, True]] + [[L, c, False] if (r - s) % W < r else [c, L, False] for s in range(1, W)]
+        elif case["causal"]:
+            expect = [[L, L, True]] + [[L, L, False]] * r
+        else:
+            expect = [[L, L, False]] * W
+        assert got["fwd"] == expect, f"rank {r} forward calls {got['fwd']} != {expect}"
+        assert got["bwd"] == expect, f"rank {r} backward calls {got['bwd']} != {expect}"
 
 
 LOWP_ATOL = {"float32": 1e-6, "bfloat16": 1e-3}
