@@ -334,3 +334,17 @@ def test_mask_function_never_skips_when_lengths_differ():
     assert not m[..., 5:].any()
     assert qt.attention_mask(mask_function=causal_mask_function, attention_mask=pad[:, :5],
                              allow_is_causal_skip=True, **same) is None
+
+
+def test_demo_cli_default_run(capsys):
+    import argparse
+
+    from qwen3vl_flash.cli import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--max-new-tokens", "8", "--seed", str(int(torch.randint(0, 1000, (1,))))])
+    assert demo.main(args) == 0
+    text = capsys.readouterr().out
+    assert "tokens identical : yes" in text
+    assert "sdpa" in text and NAME in text and "peak" in text
