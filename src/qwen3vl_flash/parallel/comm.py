@@ -103,7 +103,7 @@ def resolve_topology(group=None) -> CPTopology:
     return CPTopology(world_size=w, shard_index=r, ring_size=w, ring_rank=r, ring_group=group, flat_group=group)
 
 
-_SPLIT_CACHE: Dict[Tuple[Tuple[int, ...], int], Tuple[object, object]] = {}
+_SPLIT_CACHE: Dict[Tuple[int, Tuple[int, ...], int], Tuple[object, object]] = {}
 
 
 def split_groups(topo: CPTopology, ulysses_size: int) -> CPTopology:
@@ -119,7 +119,7 @@ def split_groups(topo: CPTopology, ulysses_size: int) -> CPTopology:
         raise ValueError(f"ulysses degree {wu} must divide the context-parallel world size {W}")
     wr = W // wu
     ranks = tuple(dist.get_process_group_ranks(topo.flat_group))
-    key = (ranks, wu)
+    key = (id(topo.flat_group), ranks, wu)  # a re-initialised process group gets new sub-groups
     if key not in _SPLIT_CACHE:
         me = ranks[topo.shard_index]
         ring_g = uly_g = None
@@ -216,7 +216,7 @@ def all_gather_seq(x: torch.Tensor, topo: CPTopology) -> List[torch.Tensor]:
 def backend_name(group) -> str:
     try:
         return dist.get_backend(group)
-    except Exception:
+    except (RuntimeError, ValueError):
         return "gloo"
 
 
