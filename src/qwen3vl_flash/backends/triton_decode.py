@@ -418,12 +418,16 @@ def _launch(pl: _Plan, which: int, kernel, grid, args, const, opts, spec, stream
     if fast is not None:
         ck = fast.get((which, spec))
         if ck is not None:
-            ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, None, None, None,
-                   *args, *const)
-            return
+            try:
+                ck.run(grid[0], grid[1], grid[2], stream, ck.function, ck.packed_metadata, None, None, None,
+                       *args, *const)
+                return
+            except TypeError:  # a Triton whose launcher takes other arguments: its own path from now on
+                global FAST_LAUNCH
+                FAST_LAUNCH, pl.fast = False, None
     ck = kernel[grid](*args, *const, **opts)
-    if fast is not None and ck is not None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
-        fast[(which, spec)] = ck
+    if pl.fast is not None and ck is not None and hasattr(ck, "run") and hasattr(ck, "packed_metadata"):
+        pl.fast[(which, spec)] = ck
 
 
 def decode_attention(

@@ -1,0 +1,377 @@
+"""Decode (flash_attn_with_kvcache) benchmark: our split-KV Triton kernels vs PyTorch SDPA.
+
+Qwen3-VL text shapes: 32 query / 8 kv heads, head_dim 128, bf16, one new token per step
+(Snew = 1 appended in place by our kernels; SDPA only reads). Cases: B=1 at L = 4k / 32k / 128k,
+B=1 with 4k keys in a 128k cache (a StaticCache), B=8 at 128k, and a ragged batch of 8 rows
+mixing 1k..128k (SDPA must pad to the longest row).
+
+Per case and provider (ours; SDPA cuDNN and flash with ``enable_gqa=True``):
+
+* device time per call: ``triton.testing.do_bench`` (L2 flushed before each call; p20/p50/p80);
+* device time per call inside a CUDA graph (``graph_reps`` calls on rotating K/V buffers, so that
+  short caches are not served from L2);
+* host time per call: a loop of calls without synchronising (``time.perf_counter``); for SDPA also
+  with the KV length changing every call, as in real decoding;
+* KV read bandwidth = bytes of K and V the rows really have / time (padding not counted);
+* correctness of ours against ``qwen3vl_flash.reference`` at the same shapes (2x rule), the direct
+  launch against Triton's launcher (bitwise), and graph replay against eager (bitwise).
+
+Rows go to ``$OUT/decode_<gpu>.csv`` (or ``--csv``); a short table is printed last.
+
+    PYTHONPATH=src python3 benchmarks/bench_decode.py             # on a GPU
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/bench_decode.py --smoke   # CPU code-path check
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from qwen3vl_flash.backends import triton_decode as td
+from qwen3vl_flash.backends.base import AttnParams
+from qwen3vl_flash.hardware.profiles import profile_for_device
+from qwen3vl_flash.reference import attention_ref
+
+K = 1024
+CASES = [  # (name, per-row lengths, cache capacity)
+    ("B1-L4k", [4 * K], 4 * K + 16),
+    ("B1-L32k", [32 * K], 32 * K + 16),
+    ("B1-L128k", [128 * K], 128 * K + 16),
+    ("B1-L4k-in-128k-cache", [4 * K], 128 * K + 16),
+    ("B8-L128k", [128 * K] * 8, 128 * K + 16),
+    ("B8-ragged-1k..128k", [128 * K, 1 * K, 64 * K, 4 * K, 16 * K, 2 * K, 32 * K, 8 * K], 128 * K + 16),
+]
+SMOKE_CASES = [
+    ("B1-L200", [200], 216),
+    ("B3-ragged", [150, 3, 64], 216),
+]
+FIELDS = ["case", "provider", "mode", "B", "L_max", "L_sum", "kv_bytes", "us_p20", "us_p50", "us_p80", "tbps",
+          "graph_us", "graph_tbps", "host_us", "host_us_varying_L", "max_err", "torch_err", "ok", "note",
+          "gpu", "torch", "triton", "cudnn", "date"]
+
+
+def _versions():
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "-"
+    cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
+    return torch.__version__, tv, str(cudnn or "-")
+
+
+class Case:
+    def __init__(self, name, lens, cap, H, Hkv, D, dtype, device, n_rot):
+        self.name, self.lens, self.cap = name, lens, cap
+        self.B, self.H, self.Hkv, self.D = len(lens), H, Hkv, D
+        B = self.B
+        g = torch.Generator(device=device).manual_seed(0)
+        mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+        self.q = mk(B, 1, H, D)
+        self.kn, self.vn = mk(B, 1, Hkv, D), mk(B, 1, Hkv, D)
+        # rotating K/V buffers: a short cache would otherwise sit in L2 between graph replays
+        self.kc = [mk(B, cap, Hkv, D) for _ in range(n_rot)]
+        self.vc = [mk(B, cap, Hkv, D) for _ in range(n_rot)]
+        self.seqlens = torch.tensor([n - 1 for n in lens], dtype=torch.int32, device=device)  # + 1 appended
+        self.L_max, self.L_sum = max(lens), sum(lens)
+        self.kv_bytes = self.L_sum * Hkv * D * 2 * self.q.element_size()
+        self.p = AttnParams(1.0 / math.sqrt(D), True, profile=profile_for_device(self.q.device))
+
+
+# --------------------------------------------------------------------------------------------
+# providers: each returns fn(i) running call number i on rotating buffer i % n_rot
+# --------------------------------------------------------------------------------------------
+
+
+def ours(c: Case):
+    def fn(i=0):
+        r = i % len(c.kc)
+        return td.decode_attention(c.q, c.kc[r], c.vc[r], c.kn, c.vn, c.seqlens, c.p)[0]
+
+    return fn
+
+
+def ours_public(c: Case):
+    import qwen3vl_flash as qf
+
+    def fn(i=0):
+        r = i % len(c.kc)
+        return qf.flash_attn_with_kvcache(c.q, c.kc[r], c.vc[r], c.kn, c.vn, cache_seqlens=c.seqlens,
+                                          backend="triton")
+
+    return fn
+
+
+def sdpa(c: Case, backend_name: str, masked: bool, contiguous: bool = False):
+    """SDPA over the padded (B, L_max) cache, K/V heads first: strided views of our cache, or
+    (``contiguous``, when a kernel refuses the views) copies made outside the timed call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = getattr(SDPBackend, backend_name)
+    q = c.q.transpose(1, 2)  # (B, H, 1, D)
+    mask = None
+    if masked:  # key-padding mask for the ragged rows
+        pos = torch.arange(c.L_max, device=q.device)
+        mask = (pos[None, :] < torch.tensor(c.lens, device=q.device)[:, None]).view(c.B, 1, 1, c.L_max)
+    kv = [(kc[:, : c.L_max].transpose(1, 2), vc[:, : c.L_max].transpose(1, 2)) for kc, vc in zip(c.kc, c.vc)]
+    if contiguous:
+        kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
+
+    def fn(i=0, L=None):
+        k, v = kv[i % len(kv)]  # (B, Hkv, L_max, D)
+        if L is not None:
+            k, v = k[:, :, :L], v[:, :, :L]
+        with sdpa_kernel(be):
+            m = None if mask is None else mask[..., : k.shape[2]]
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------
+
+
+def device_us(fn, cuda: bool):
+    if cuda:
+        import triton
+
+        ps = triton.testing.do_bench(lambda: fn(0), warmup=25, rep=200, quantiles=[0.2, 0.5, 0.8])
+        return [x * 1e3 for x in ps]
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn(0)
+        ts.append((time.perf_counter() - t0) * 1e6)
+    ts.sort()
+    return [ts[0], ts[1], ts[2]]
+
+
+def graph_us(fn, n_rot: int, reps: int):
+    """Device µs per call, replaying a CUDA graph of ``reps`` calls over the rotating buffers."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(n_rot):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [fn(i) for i in range(reps)]
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    return statistics.median(times), graph, outs
+
+
+def host_us(fn, cuda: bool, n: int = 200, vary=None):
+    """Host µs per call: ``n`` calls without synchronising (the GPU queue absorbs them)."""
+    for i in range(3):
+        fn(i) if vary is None else fn(i, vary(i))
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i) if vary is None else fn(i, vary(i))
+    dt = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
+def check_ours(c: Case, out: torch.Tensor):
+    """max|out - ref| and torch's own bf16 error, per row over the row's real keys (2x rule)."""
+    err = base = 0.0
+    kc, vc = c.kc[0], c.vc[0]
+    for b, L in enumerate(c.lens):
+        k, v = kc[b : b + 1, :L], vc[b : b + 1, :L]
+        qb = c.q[b : b + 1]
+        ref = attention_ref(qb.float(), k.float(), v.float(), causal=True)
+        low = attention_ref(qb, k, v, causal=True, upcast=False)
+        err = max(err, (out[b : b + 1].float() - ref).abs().max().item())
+        base = max(base, (low.float() - ref).abs().max().item())
+        del k, v, ref, low
+    return err, base, err <= 2 * base + 8e-3
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter code-path check)")
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated case names")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.smoke:
+        H, Hkv, D, dtype, cases = 8, 2, 64, torch.bfloat16, SMOKE_CASES
+    else:
+        H, Hkv, D, dtype, cases = 32, 8, 128, torch.bfloat16, CASES
+    if args.only:
+        cases = [c for c in cases if c[0] in args.only.split(",")]
+    gpu = torch.cuda.get_device_name() if cuda else "cpu-interpreter"
+    tv, trv, cudnn = _versions()
+    date = datetime.date.today().isoformat()
+    out_dir = os.environ.get("OUT", ".")
+    path = args.csv or os.path.join(out_dir, f"decode_{gpu.replace(' ', '_').replace('/', '_')}.csv")
+    rows = []
+
+    def row(c, provider, mode, **kw):
+        r = dict(case=c.name, provider=provider, mode=mode, B=c.B, L_max=c.L_max, L_sum=c.L_sum,
+                 kv_bytes=c.kv_bytes, gpu=gpu, torch=tv, triton=trv, cudnn=cudnn, date=date)
+        r.update(kw)
+        rows.append(r)
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                        if k not in ("gpu", "torch", "triton", "cudnn", "date")), flush=True)
+
+    for name, lens, cap in cases:
+        per_buf = len(lens) * cap * Hkv * D * 2 * 2
+        n_rot = max(1, min(8, math.ceil(160e6 / per_buf))) if cuda else 1
+        c = Case(name, lens, cap, H, Hkv, D, dtype, device, n_rot)
+        tb = lambda us: c.kv_bytes / (us * 1e-6) / 1e12 if us and us > 0 else float("nan")  # noqa: E731
+
+        # -- ours: correctness first (also warms up and compiles)
+        fn = ours(c)
+        out = fn(0)
+        err, base, ok = check_ours(c, out)
+        note = ""
+        if cuda:  # the direct launch against Triton's own launcher, bitwise
+            td.FAST_LAUNCH = False
+            td._PLANS.clear()
+            slow = fn(0)
+            td.FAST_LAUNCH = True
+            td._PLANS.clear()
+            fn(0)
+            fast = fn(0)
+            same = torch.equal(fast, slow)
+            ok = ok and same
+            note = f"fast==slow:{same}"
+        p = device_us(fn, cuda)
+        g_us = host_fast = host_slow = host_pub = float("nan")
+        if cuda:
+            g_us, graph, gouts = graph_us(fn, n_rot, reps=max(n_rot, 8))
+            eager = fn(0)
+            same = torch.equal(gouts[0], eager)
+            ok = ok and same
+            note += f" graph==eager:{same}"
+            del graph, gouts
+        host_fast = host_us(fn, cuda)
+        if cuda:
+            td.FAST_LAUNCH = False
+            td._PLANS.clear()
+            host_slow = host_us(fn, cuda)
+            td.FAST_LAUNCH = True
+            td._PLANS.clear()
+            fn(0)
+        os.environ["QWEN3VL_FLASH_CHECK_VALUES"] = "0"  # the public API's value checks synchronise
+        try:
+            pub = ours_public(c)
+            pub(0)
+            host_pub = host_us(pub, cuda)
+        except Exception as exc:  # noqa: BLE001
+            note += f" public API: {type(exc).__name__}: {exc}"[:200]
+        finally:
+            os.environ.pop("QWEN3VL_FLASH_CHECK_VALUES", None)
+        row(c, "triton", "split-kv", us_p20=p[0], us_p50=p[1], us_p80=p[2], tbps=tb(p[1]), graph_us=g_us,
+            graph_tbps=tb(g_us), host_us=host_fast, max_err=err, torch_err=base, ok=ok, note=note.strip())
+        row(c, "triton", "host:triton-launcher", host_us=host_slow)
+        row(c, "triton", "host:public-api(checks off)", host_us=host_pub)
+        del out
+
+        # -- SDPA over the padded cache
+        if cuda:
+            ragged = len(set(lens)) > 1
+            for be_name in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+                for masked in ((True, False) if ragged else (False,)):
+                    mode = ("padded+mask" if masked else "padded, no mask") if ragged else "dense"
+                    f = None
+                    for contiguous in (False, True):
+                        try:
+                            f = sdpa(c, be_name, masked, contiguous)
+                            o = f(0)
+                            torch.cuda.synchronize()
+                            mode += ", contiguous K/V copy" if contiguous else ""
+                            break
+                        except Exception as exc:  # noqa: BLE001
+                            f, err_note = None, f"{type(exc).__name__}: {exc}"[:160]
+                            torch.cuda.synchronize()
+                    if f is None:
+                        row(c, f"sdpa-{be_name.split('_')[0].lower()}", mode, note=err_note)
+                        continue
+                    sp = device_us(f, cuda)
+                    try:
+                        sg = graph_us(f, n_rot, reps=max(n_rot, 8))[0]
+                    except Exception:  # noqa: BLE001
+                        sg = float("nan")
+                        torch.cuda.synchronize()
+                    h = host_us(f, cuda)
+                    hv = host_us(f, cuda, vary=lambda i: c.L_max - (i % 64)) if not masked else float("nan")
+                    row(c, f"sdpa-{be_name.split('_')[0].lower()}", mode, us_p20=sp[0], us_p50=sp[1], us_p80=sp[2],
+                        tbps=tb(sp[1]), graph_us=sg, graph_tbps=tb(sg), host_us=h, host_us_varying_L=hv)
+                    del o
+        del c
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # -- split heuristic variants (same run): min_chunk / waves at the latency-bound shapes
+    if cuda:
+        for name, lens, cap in CASES[:2]:
+            c = Case(name, lens, cap, H, Hkv, D, dtype, device, 1)
+            for waves, min_chunk in ((1, 256), (2, 128), (2, 256), (4, 128), (4, 256), (2, 512)):
+                prof = c.p.profile.replace(name=f"tune-{waves}-{min_chunk}",
+                                           triton={"decode": {"waves": waves, "min_chunk": min_chunk}})
+                c.p = AttnParams(c.p.softmax_scale, True, profile=prof)
+                fn = ours(c)
+                fn(0)
+                p = device_us(fn, cuda)
+                ns = td.num_splits(Hkv, cap, H // Hkv, td._num_sms(device), td._cfg(c.p))
+                row(c, "triton", f"tune waves={waves} min_chunk={min_chunk} splits={ns}", us_p20=p[0],
+                    us_p50=p[1], us_p80=p[2], tbps=c.kv_bytes / (p[1] * 1e-6) / 1e12)
+            del c
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+
+    print(f"\n{gpu}, torch {tv}, triton {trv}, cuDNN {cudnn}, {date}; 32/8 heads hd128 bf16, Snew=1" if not args.smoke
+          else f"\nsmoke ({gpu})")
+    print(f"{'case':24} {'provider':14} {'mode':18} {'us p50':>8} {'TB/s':>6} {'graph us':>9} {'TB/s':>6} "
+          f"{'host us':>8} {'host varL':>9} ok")
+    fmt = lambda x, s: (f"{x:{s}}" if isinstance(x, float) and not math.isnan(x) else f"{'-':>{s.split('.')[0]}}")  # noqa: E731
+    for r in rows:
+        if str(r["mode"]).startswith(("tune", "host:")):
+            continue
+        print(f"{r['case']:24} {r['provider']:14} {str(r['mode'])[:18]:18} {fmt(r.get('us_p50', ''), '8.1f')} "
+              f"{fmt(r.get('tbps', ''), '6.2f')} {fmt(r.get('graph_us', ''), '9.1f')} {fmt(r.get('graph_tbps', ''), '6.2f')} "
+              f"{fmt(r.get('host_us', ''), '8.1f')} {fmt(r.get('host_us_varying_L', ''), '9.1f')} {r.get('ok', '')}")
+    for r in rows:
+        if str(r["mode"]).startswith("host:"):
+            print(f"{r['case']:24} host us/call via {r['mode'][5:]}: {fmt(r.get('host_us', ''), '6.1f')}")
+    print(f"csv: {path}")
+    return 0 if all(r.get("ok", True) is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
