@@ -11,8 +11,9 @@ What :func:`register` installs (idempotent; verified on transformers 4.57.6 and 
   friends. ``is_causal`` is not passed to text layers, so it is read from ``module.is_causal``.
 * ``AttentionMaskInterface[name] = attention_mask``: without a mask function a custom name gets
   ``attention_mask=None`` even for padded batches. Ours is transformers' own ``sdpa_mask`` (a 4D
-  bool mask, True = attend), except that it may return ``None`` only when ``q_len == kv_len`` and
-  nothing is padded: then ``None`` means plain causal. (5.x's sdpa mask also returns ``None`` for a
+  bool mask, True = attend), except that it returns ``None`` only when every key is valid and
+  nothing is padded (q_len == kv_len, or a cache holding exactly the 2D mask's tokens): then
+  ``None`` means causal, bottom-right. (5.x's sdpa mask also returns ``None`` for a
   StaticCache prefill, relying on SDPA's *top-left* causal alignment over the zero-padded buffer;
   our causal is bottom-right, so that shortcut is refused.)
 * The mask is read once per forward (cached by identity across layers) and turned into the
@@ -348,8 +349,30 @@ def attention_mask(*args, **kwargs):
         q_len = None
     kv_len = kwargs.get("kv_length")
     if q_len is None or kv_len is None or q_len != kv_len:
+        pad = kwargs.get("attention_mask")
+        if (  # decode / chunked prefill over a cache holding exactly the 2D mask's tokens, no padding:
+            # every key is valid, so None (bottom-right causal) is exact and saves building the mask
+            q_len is not None
+            and isinstance(pad, torch.Tensor)
+            and pad.dim() == 2
+            and pad.shape[-1] == kv_len
+            and not kwargs.get("kv_offset", 0)
+            and kwargs.get("mask_function") is _causal_mask_function()
+            and not _is_tracing(pad)
+            and bool(pad.all())
+        ):
+            return None
         kwargs["allow_is_causal_skip"] = False
     return mu.sdpa_mask(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _causal_mask_function():
+    return _mask_module().causal_mask_function
+
+
+def _is_tracing(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 # --------------------------------------------------------------------------------------------
