@@ -133,6 +133,36 @@ def test_decode_matches_reference(B, Sq, H, Hkv, D, Smax, snew, lens, dtype):
     _run_case(B, Sq, H, Hkv, D, Smax, snew, lens, dtype)
 
 
+UNFUSED = PROFILES["generic-cpu"].replace(
+    name="decode-unfused",
+    triton={"decode": {"min_chunk": 16, "min_chunk_per_row": 1, "block_n": {64: 16, 128: 16}, "fuse_merge_max_rows": 0}},
+)
+
+
+def test_decode_separate_merge_kernel():
+    """Packed rows above fuse_merge_max_rows: partials merged by the second kernel."""
+    _run_case(3, 4, 8, 2, 64, 70, 4, [0, 17, 66], torch.bfloat16, profile=UNFUSED)
+
+
+def test_decode_repeated_calls_reuse_split_counters():
+    """The fused merge's counters reset themselves: the same call twice gives the same result,
+    and a second, different step (new lengths, same shapes) is right too."""
+    B, H, Hkv, D, Smax = 3, 8, 2, 64, 96
+    q = _fresh((B, 1, H, D), torch.bfloat16)
+    kc, vc = _fresh((B, Smax, Hkv, D), torch.bfloat16), _fresh((B, Smax, Hkv, D), torch.bfloat16)
+    kn, vn = _fresh((B, 1, Hkv, D), torch.bfloat16), _fresh((B, 1, Hkv, D), torch.bfloat16)
+    p = _params(D)
+    seqlens = torch.tensor([40, 0, 90], dtype=torch.int32)
+    out1, lse1 = td.decode_attention(q, kc, vc, kn, vn, seqlens, p)
+    out2, lse2 = td.decode_attention(q, kc, vc, kn, vn, seqlens, p)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    kc0, vc0 = kc.clone(), vc.clone()
+    seqlens = torch.tensor([41, 1, 91], dtype=torch.int32)
+    out, lse = td.decode_attention(q, kc, vc, kn, vn, seqlens, p)
+    _check_cache(kc, vc, kc0, vc0, kn, vn, seqlens)
+    _check_decode(q, kc0, vc0, kn, vn, seqlens, out, lse)
+
+
 def test_decode_default_profile_one_split():
     """The shipped table (256-key chunks): one split per row here, merge of one partial."""
     _run_case(3, 1, 8, 2, 64, 96, 1, [0, 20, 95], torch.bfloat16, profile=DEFAULT)

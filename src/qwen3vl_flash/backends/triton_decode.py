@@ -56,6 +56,10 @@ DECODE_DEFAULTS: Dict[str, object] = {
     "num_warps": 4,
     "num_stages": 3,
     "merge_num_warps": 4,
+    # merge inside the split kernel (the last split of a (row, kv head) does it, counted by an
+    # atomic): one launch instead of two. Up to this many packed query rows; more use the
+    # separate merge kernel, whose programs share the rows out
+    "fuse_merge_max_rows": 16,
 }
 
 
@@ -138,8 +142,9 @@ def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_ri
     return m_new, l_i, acc
 
 def _split_kernel(
-    Q, K, V, KN, VN, SEQLENS, BT, O_PART,
+    Q, K, V, KN, VN, SEQLENS, BT, O_PART, OUT, LSE, SEM,
     scale_log2, lse_offset, num_splits, snew, cap, win_left, win_right,
+    stride_ob, stride_os, stride_oh,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -150,6 +155,7 @@ def _split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MIN_CHUNK: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= GROUP * SQ)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
@@ -183,16 +189,26 @@ def _split_kernel(
             tl.store(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], vn, mask=m2)
 
     lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    s_idx = offs_m // GROUP
+    h_idx = hkv * GROUP + offs_m % GROUP
+    m_mask = offs_m < GROUP * SQ
+    out_rows = b.to(tl.int64) * stride_ob + s_idx * stride_os + h_idx * stride_oh
+    lse_rows = (b * (HKV * GROUP) + h_idx) * SQ + s_idx  # index into lse (B, H, SQ)
+    if FUSE_MERGE:
+        if n_used == 0:  # no key at all: split 0 writes zeros and lse -inf (nobody merges)
+            if split == 0:
+                zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                tl.store(OUT + out_rows[:, None] + offs_d[None, :], zero.to(OUT.dtype.element_ty),
+                         mask=m_mask[:, None] & d_mask[None, :])
+                tl.store(LSE + lse_rows, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), mask=m_mask)
+            return
     if split >= n_used:
         return
     start = lo + split * chunk
     end = tl.minimum(start + chunk, seqlen)
 
-    # -- the packed query rows of this KV group, scale and log2(e) folded in once
-    offs_m = tl.arange(0, BLOCK_M)
-    s_idx = offs_m // GROUP
-    h_idx = hkv * GROUP + offs_m % GROUP
-    m_mask = offs_m < GROUP * SQ
+    # -- the packed query rows of this KV group
     q_ptrs = Q + b.to(tl.int64) * stride_qb + s_idx[:, None] * stride_qs + h_idx[:, None] * stride_qh
     q = tl.load(q_ptrs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     qpos = s_idx + seqlen - SQ  # absolute position of each row's query (bottom-right aligned)
@@ -231,10 +247,50 @@ def _split_kernel(
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    row = ((b * (HKV * GROUP) + h_idx) * SQ + s_idx) * num_splits + split
+    om_mask = m_mask[:, None] & d_mask[None, :]
+    if FUSE_MERGE:
+        if n_used == 1:  # one split: the final result, no partials and no merge
+            tl.store(OUT + out_rows[:, None] + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=om_mask)
+            tl.store(LSE + lse_rows, lse2 * 0.6931471805599453, mask=m_mask)  # ln 2: base 2 -> e
+            return
+    row = lse_rows * num_splits + split
     tl.store(LSE_PART + row, lse2, mask=m_mask)
-    tl.store(O_PART + row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], o,
-             mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(O_PART + row.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], o, mask=om_mask)
+    if FUSE_MERGE:
+        # -- the last split of this (b, kv head) to finish merges them all (a threadfence
+        # reduction: the CTA's stores, a barrier, then a gpu-scope acq_rel atomic that releases
+        # them; the last program's acquire makes every split's partials visible to it)
+        tl.debug_barrier()
+        done = tl.atomic_add(SEM + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if done == n_used - 1:
+            tl.atomic_xchg(SEM + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            for m in range(GROUP * SQ):
+                s_m = m // GROUP
+                h_m = hkv * GROUP + m % GROUP
+                _merge_row(O_PART, LSE_PART, OUT, LSE, (b * (HKV * GROUP) + h_m) * SQ + s_m,
+                           b.to(tl.int64) * stride_ob + s_m * stride_os + h_m * stride_oh, n_used, num_splits,
+                           HEAD_DIM, BLOCK_D, BLOCK_S)
+
+
+def _merge_row(O_PART, LSE_PART, OUT, LSE, row, out_off, n_used, num_splits,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # -- out = sum_i exp2(lse_i - m) o_i / sum_i exp2(lse_i - m); all -inf (no key seen): 0, -inf.
+    # Loads bypass L1 (.cg): the partials were written by other SMs during this launch.
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < n_used
+    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    w_sum = tl.sum(w, 0)
+    o = tl.load(O_PART + (row.to(tl.int64) * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
+    inv = 1.0 / tl.where(w_sum == 0.0, 1.0, w_sum)
+    out = tl.sum(o * w[:, None], 0) * inv
+    tl.store(OUT + out_off + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    lse_out = (m_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) * 0.6931471805599453  # ln 2: base 2 -> e
+    tl.store(LSE + row, tl.where(w_sum == 0.0, float("-inf"), lse_out))
 
 def _merge_kernel(
     O_PART, SEQLENS, OUT, LSE,
@@ -251,26 +307,11 @@ def _merge_kernel(
     cache_len = tl.minimum(tl.load(SEQLENS + b), cap)
     seqlen = tl.minimum(cache_len + snew, cap)
     lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < n_used
-    lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
-    # -- out = sum_i exp2(lse_i - m) o_i / sum_i exp2(lse_i - m); all -inf (no key seen): 0, -inf
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)
-    w_sum = tl.sum(w, 0)
-    o = tl.load(O_PART + (row.to(tl.int64) * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    inv = 1.0 / tl.where(w_sum == 0.0, 1.0, w_sum)
-    out = tl.sum(o * w[:, None], 0) * inv
-    out_ptrs = OUT + b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh + offs_d
-    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    lse_out = (m_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) * 0.6931471805599453  # ln 2: base 2 -> e
-    tl.store(LSE + row, tl.where(w_sum == 0.0, float("-inf"), lse_out))
+    _merge_row(O_PART, LSE_PART, OUT, LSE, row, b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh,
+               n_used, num_splits, HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
-_JIT_NAMES = ("_split_range", "_row_offsets", "_attend", "_split_kernel", "_merge_kernel")
+_JIT_NAMES = ("_split_range", "_row_offsets", "_attend", "_merge_row", "_split_kernel", "_merge_kernel")
 _RAW = {name: globals()[name] for name in _JIT_NAMES}
 _KERNELS: Dict[bool, Dict[str, object]] = {}
 
@@ -366,7 +407,8 @@ class _Plan:
     """Everything about a call that depends on shapes and options only (cached per key)."""
 
     __slots__ = ("grid1", "grid2", "ns", "ws_numel", "split_scalars", "merge_scalars", "split_const",
-                 "merge_const", "split_opts", "merge_opts", "poison", "profile", "fast")
+                 "merge_const", "split_opts", "merge_opts", "poison", "profile", "fast", "fuse", "sems",
+                 "sem_numel")
 
 
 def _plan(q, k_cache, snew, p, paged, block_table) -> _Plan:
@@ -396,10 +438,15 @@ def _plan(q, k_cache, snew, p, paged, block_table) -> _Plan:
     pl.split_scalars = (p.softmax_scale * LOG2E, lse_offset, ns, snew, capacity, left, right)
     pl.merge_scalars = (lse_offset, ns, snew, capacity, left)
     # constexprs in signature order (the fast launch passes every argument positionally)
+    pl.fuse = rows <= int(cfg["fuse_merge_max_rows"])
+    block_s = max(2, _next_pow2(ns))
     pl.split_const = (Hkv, group, Sq, D, max(16, _next_pow2(rows)), block_n, block_d, paged, page_size,
                       has_left, has_right, min_chunk, "ieee" if q.dtype == torch.float32 else "tf32",
-                      q.device.type == "cpu")
-    pl.merge_const = (H, Sq, D, block_d, max(2, _next_pow2(ns)), has_left, min_chunk, block_n)
+                      q.device.type == "cpu", pl.fuse, block_s)
+    pl.merge_const = (H, Sq, D, block_d, block_s, has_left, min_chunk, block_n)
+    # split counters of the fused merge: zeroed once, reset by the kernel itself; one set per
+    # stream, so that calls on different streams never share them
+    pl.sems, pl.sem_numel = {}, B * Hkv
     pl.split_opts = {"num_warps": int(cfg["num_warps"]), "num_stages": int(cfg["num_stages"])}
     pl.merge_opts = {"num_warps": int(cfg["merge_num_warps"])}
     # tests: NaN-fill every buffer the kernels must write, so an element they skip fails
@@ -490,12 +537,17 @@ def decode_attention(
         spec = (q.data_ptr() & 15, k_cache.data_ptr() & 15, v_cache.data_ptr() & 15, k.data_ptr() & 15,
                 v.data_ptr() & 15, cache_seqlens.data_ptr() & 15, bt.data_ptr() & 15, strides)
         stream = torch._C._cuda_getCurrentRawStream(dev.index)
+    sem = pl.sems.get(stream)
+    if sem is None:
+        sem = pl.sems[stream] = torch.zeros((pl.sem_numel,), dtype=torch.int32, device=dev)
     _launch(pl, 0, split_kernel, pl.grid1,
-            (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, *pl.split_scalars, *strides),
+            (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, out, lse, sem, *pl.split_scalars,
+             H * D * Sq, H * D, D, *strides),
             pl.split_const, pl.split_opts, spec, stream)
-    _launch(pl, 1, merge_kernel, pl.grid2,
-            (ws, cache_seqlens, out, lse, *pl.merge_scalars, H * D * Sq, H * D, D),
-            pl.merge_const, pl.merge_opts, spec, stream)
+    if not pl.fuse:
+        _launch(pl, 1, merge_kernel, pl.grid2,
+                (ws, cache_seqlens, out, lse, *pl.merge_scalars, H * D * Sq, H * D, D),
+                pl.merge_const, pl.merge_opts, spec, stream)
     return out, lse
 
 
