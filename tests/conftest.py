@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import zlib
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -53,7 +53,7 @@ def _plain_request(device_type: str = "cpu", dtype=torch.float32) -> AttnRequest
     )
 
 
-def backend_unavailable(name: str, device_type: str = "cpu") -> Optional[str]:
+def backend_unavailable(name: str, device_type: str = "cpu") -> str | None:
     """Why backend ``name`` cannot serve even a plain float32 call on this device, else None.
 
     Only this "cannot serve the device at all" answer is a reason to skip; a backend that serves
@@ -173,7 +173,7 @@ def _leaf(x: torch.Tensor, dtype) -> torch.Tensor:
     return x.detach().to(dtype).requires_grad_(True)
 
 
-def reference_triplet(q, k, v, dout=None, varlen: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kw):
+def reference_triplet(q, k, v, dout=None, varlen: tuple[torch.Tensor, torch.Tensor] | None = None, **kw):
     """(ref, lowprec) results of the shipped reference for inputs q, k, v.
 
     ref is computed in float64; lowprec in the input dtype without upcasting. Each result is a
@@ -222,7 +222,7 @@ def naive_attention(q, k, v, scale=None, causal=False, window_size=(-1, -1)):
     Returns out (B, Sq, H, D) float64 and lse (B, H, Sq) float64.
     """
     q, k, v = q.double(), k.double(), v.double()
-    B, Sq, H, D = q.shape
+    _, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k = k.repeat_interleave(H // Hkv, dim=2)  # query head h reads kv head h // (H // Hkv)

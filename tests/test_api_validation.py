@@ -9,25 +9,40 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cu_seqlens, make_qkv, randn
 
 import qwen3vl_flash as qf
-
-from conftest import cu_seqlens, make_qkv, randn
 
 F32 = torch.float32
 
 
-def _unservable_backend() -> str:
-    """A registered backend that reports it cannot serve a plain CPU call (triton here)."""
-    from conftest import backend_unavailable
+def _unservable():
+    """(backend, dtype): a registered backend that reports it cannot serve a plain CPU call in that
+    dtype (triton: not on CPU, or, under TRITON_INTERPRET=1, not in float64)."""
+    import dataclasses
 
-    for name in qf.available_backends():
-        if backend_unavailable(name) is not None:
-            return name
-    pytest.skip("every backend serves CPU calls on this machine")
+    from conftest import _plain_request
+
+    from qwen3vl_flash.backends.base import get_backend
+
+    for dtype in (torch.float32, torch.float64):
+        for name in qf.available_backends():
+            if get_backend(name).check(dataclasses.replace(_plain_request("cpu"), dtype=dtype)) is not None:
+                return name, dtype
+    pytest.skip("every backend serves every CPU call on this machine")
 
 
-NO = "__unservable__"  # placeholder replaced by _unservable_backend() at run time
+def _use_unservable(args: dict) -> str:
+    """Point ``args`` at an unservable backend, casting its float tensors to the refused dtype."""
+    name, dtype = _unservable()
+    for key, x in args.items():
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            args[key] = x.to(dtype)
+    args["backend"] = name
+    return name
+
+
+NO = "__unservable__"  # placeholder replaced by _use_unservable() at run time
 
 
 def qkv(B=2, Sq=8, Sk=10, H=4, Hkv=2, D=16, dtype=F32):
@@ -85,8 +100,7 @@ def _bad_dense_cases():
 def test_flash_attn_func_rejects(build, exc, pattern):
     args = build()
     if args.get("backend") == NO:
-        args["backend"] = _unservable_backend()
-        pattern = pattern.replace("{NO}", args["backend"])
+        pattern = pattern.replace("{NO}", _use_unservable(args))
     with pytest.raises(exc, match=pattern):
         qf.flash_attn_func(**args)
 
@@ -103,11 +117,13 @@ def test_explicit_backend_without_lse_raises():
 
 
 def test_env_backend_that_cannot_serve_raises(monkeypatch):
-    name = _unservable_backend()
-    monkeypatch.setenv("QWEN3VL_FLASH_BACKEND", name)
     q, k, v = qkv()
+    args = dict(q=q, k=k, v=v)
+    name = _use_unservable(args)
+    del args["backend"]
+    monkeypatch.setenv("QWEN3VL_FLASH_BACKEND", name)
     with pytest.raises(ValueError, match=rf"backend='{name}'"):
-        qf.flash_attn_func(q, k, v)
+        qf.flash_attn_func(**args)
 
 
 def test_valid_call_passes_validation():
@@ -168,8 +184,7 @@ VARLEN_BAD = [
 def test_flash_attn_varlen_func_rejects(over, exc, pattern):
     args = _varlen_args(**over)
     if args.get("backend") == NO:
-        args["backend"] = _unservable_backend()
-        pattern = pattern.replace("{NO}", args["backend"])
+        pattern = pattern.replace("{NO}", _use_unservable(args))
     with pytest.raises(exc, match=pattern):
         qf.flash_attn_varlen_func(**args)
 
@@ -240,8 +255,8 @@ def test_flash_attn_with_kvcache_rejects_and_leaves_cache(over, exc, pattern):
 
 def test_kvcache_explicit_backend_that_cannot_serve_leaves_cache():
     """An explicit backend that cannot serve: ValueError, and nothing written to the cache."""
-    name = _unservable_backend()
-    args = _cache_args(backend=name)
+    args = _cache_args()
+    name = _use_unservable(args)
     kc0 = args["k_cache"].clone()
     with pytest.raises(ValueError, match=rf"backend='{name}'"):
         qf.flash_attn_with_kvcache(**args)

@@ -10,13 +10,6 @@ import logging
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import qwen3vl_flash as qf
-from qwen3vl_flash.backends.base import get_backend
-from qwen3vl_flash.reference import attention_ref, attention_ref_varlen
-
 from conftest import (
     BACKENDS,
     backend_dtype_params,
@@ -29,6 +22,12 @@ from conftest import (
     serves_lse,
     skip_if_unavailable,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qwen3vl_flash as qf
+from qwen3vl_flash.backends.base import get_backend
+from qwen3vl_flash.reference import attention_ref, attention_ref_varlen
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
@@ -96,8 +95,8 @@ def test_gqa_head_mapping(backend, group):
     out, _, _ = _dense(backend, q, k, v, causal=True)
     # an independent check of the mapping: per head against the naive definition on one kv head
     for h in range(Hkv * group):
-        o, _ = naive_attention(q[:, :, h : h + 1], k[:, :, h // group : h // group + 1], v[:, :, h // group : h // group + 1],
-                               causal=True)
+        kv = slice(h // group, h // group + 1)
+        o, _ = naive_attention(q[:, :, h : h + 1], k[:, :, kv], v[:, :, kv], causal=True)
         assert (out[:, :, h : h + 1] - o).abs().max().item() < 1e-10, f"head {h} reads the wrong kv head"
 
 
@@ -166,11 +165,9 @@ def test_noncontiguous_inputs(backend, dtype):
     _dense(backend, q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["tiled", "sdpa", "auto"])
 def test_bf16_lse_and_grad_dtypes(backend):
     skip_if_unavailable(backend)
-    if backend == "eager":
-        pytest.skip("eager is tested in fp32/fp64")
     q, k, v = make_qkv(1, 48, 80, 4, 2, 64, BF16)
     _dense(backend, q, k, v, causal=True)
 
@@ -285,7 +282,7 @@ def test_varlen_fused_qkv_views(backend):
 def test_varlen_segments_are_isolated(backend):
     """Changing one sequence's keys must not change another sequence's output."""
     skip_if_unavailable(backend)
-    lq = lk = [13, 21, 8]
+    lq = [13, 21, 8]
     cq = ck = cu_seqlens(lq)
     q = randn(42, 2, 32)
     k = randn(42, 2, 32)
@@ -420,9 +417,9 @@ def test_reference_varlen_matches_naive():
         qs, qe, ks, ke = int(cq[b]), int(cq[b + 1]), int(ck[b]), int(ck[b + 1])
         if qe == qs:
             continue
-        o, l = naive_attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal=True)
+        o, n_lse = naive_attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal=True)
         assert (out[qs:qe] - o[0]).abs().max().item() < 1e-12
-        assert torch.equal(torch.isneginf(lse[:, qs:qe]), torch.isneginf(l[0]))
+        assert torch.equal(torch.isneginf(lse[:, qs:qe]), torch.isneginf(n_lse[0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,9 +433,9 @@ def test_auto_falls_through_once_with_one_warning(monkeypatch, caplog):
 
     monkeypatch.setattr(itf, "_warned", set())
     q, k, v = make_qkv(1, 16, 16, 2, 2, 32, F32)
-    from qwen3vl_flash.interface import _request, choose_backend
     from qwen3vl_flash.backends.base import AttnParams
     from qwen3vl_flash.hardware.profiles import profile_for_device
+    from qwen3vl_flash.interface import _request, choose_backend
 
     prof = profile_for_device(q.device)
     p = AttnParams(32**-0.5, True, (-1, -1), profile=prof)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BACKENDS, assert_close_to_ref, atol_for, randn, serves_lse, skip_if_unavailable
 
 import qwen3vl_flash as qf
 from qwen3vl_flash.backends.base import get_backend
 from qwen3vl_flash.reference import attention_ref
-
-from conftest import BACKENDS, assert_close_to_ref, atol_for, randn, serves_lse, skip_if_unavailable
 
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
@@ -28,10 +27,10 @@ def _reference_per_batch(q, k_cache0, v_cache0, k_new, v_new, lens, causal, wind
             kk, vv = torch.cat([kk, k_new[b]]), torch.cat([vv, v_new[b]])
         for up in (True, False):
             dt = torch.float64 if up else q.dtype
-            o, l = attention_ref(q[b : b + 1].to(dt), kk[None].to(dt), vv[None].to(dt), causal=causal,
+            o, lse = attention_ref(q[b : b + 1].to(dt), kk[None].to(dt), vv[None].to(dt), causal=causal,
                                  window_size=window, upcast=up, return_lse=True)
             outs[up].append(o)
-            lses[up].append(l)
+            lses[up].append(lse)
     return torch.cat(outs[True]), torch.cat(outs[False]), torch.cat(lses[True]), torch.cat(lses[False])
 
 

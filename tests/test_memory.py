@@ -16,12 +16,11 @@ import weakref
 
 import pytest
 import torch
+from conftest import skip_if_unavailable
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import qwen3vl_flash as qf
-
-from conftest import skip_if_unavailable
 
 
 class PeakMemory(TorchDispatchMode):
