@@ -265,6 +265,11 @@ def main():
     fwd_cfg = bwd_cfg = None
     if smoke:
         fwd_cfg = bwd_cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    else:  # the profile's measured tiles, unless the sweep below replaces them
+        from qwen3vl_flash.hardware.profiles import profile_for_device
+
+        tri = profile_for_device(torch.device("cuda")).triton or {}
+        fwd_cfg, bwd_cfg = tri.get("fwd"), tri.get("bwd")
 
     # -- tile sweep at S=4k (16k for the forward too), picks the configs used below
     if "sweep" not in skip and not smoke:

@@ -240,3 +240,13 @@ def test_torch_compile_fullgraph():
     _assert_close("compiled out", out.detach(), ref, low, 2, 2e-3)
     out.sum().backward()
     assert qr.grad is not None and torch.isfinite(qr.grad).all()
+
+
+def test_masked_tail_on_unaligned_rows_pads():
+    from qwen3vl_flash.backends.triton_fwd import effective_split
+
+    k_aligned = torch.empty(1, 8, 16, 72)  # row stride 1152
+    k_one_head = torch.empty(1, 8, 1, 72)  # row stride 72: not a multiple of 16
+    assert effective_split(72, "split", k_aligned) == (64, 16)
+    assert effective_split(72, "split", k_one_head) == (128, 0)
+    assert effective_split(80, "split", k_one_head) == (64, 16)  # unmasked tail stays split

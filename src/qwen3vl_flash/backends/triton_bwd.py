@@ -36,9 +36,9 @@ from .triton_fwd import (
     _layout,
     _load2d,
     dot_precision,
+    effective_split,
     fold_window,
     next_pow2,
-    split_head_dim,
 )
 
 AUTOTUNE_BWD = [
@@ -426,7 +426,7 @@ def attention_backward(
         for t in (dq, dk, dv, delta):
             t.fill_(float("nan"))
     left, right = fold_window(causal, window_size)
-    d0, d1 = split_head_dim(D, head_split)
+    d0, d1 = effective_split(D, head_split, q, k, v, out, dout, dq, dk, dv)
     sq, sk, sv, sdo, sl = _layout(q, k, v, dout, lse, varlen)
     _, _, _, sdq, _ = _layout(q, k, v, dq, lse, varlen)
     _, sdk, sdv, _, _ = _layout(q, dk, dv, dq, lse, varlen)

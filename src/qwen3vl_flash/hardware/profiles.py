@@ -91,9 +91,10 @@ PROFILES: Dict[str, TileProfile] = {
             block_n=256,
             auto_order=_GPU_ORDER,
             triton={
-                "fwd": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
+                # measured on H100 (docs/perf/gpu_kernels.md): causal hd128 S=4k sweep of 6 fwd / 6 bwd tiles
+                "fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
                 "fwd_d256": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-                "bwd": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+                "bwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
                 "bwd_d256": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
                 "head_split": "split",
             },
