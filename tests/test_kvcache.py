@@ -166,8 +166,6 @@ def test_incremental_decode_equals_full_causal(backend):
         assert (kc[b, total[b] :] == 7.0).all() and (vc[b, total[b] :] == 7.0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="FOUND_BUGS.md #1: flash_attn_with_kvcache always asks its backend for "
-                   "the lse, and appends to the cache before the backend is known to serve the call")
 def test_backend_without_lse_serves_kvcache_and_cache_untouched_on_failure(monkeypatch):
     """On GPUs PyTorch SDPA has no lse (sdpa.check rejects need_lse). Simulated here on CPU: a
     kv-cache call that does not ask for the lse must still run on backend='sdpa'; and should any

@@ -185,10 +185,11 @@ class _FA2Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, backend: Backend, p: AttnParams):
         out, lse = backend.forward(q, k, v, p)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse)  # the backend's own (possibly wider) lse
         ctx.backend, ctx.p = backend, p
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        user_lse = lse.to(lse_dtype(q.dtype))
+        ctx.mark_non_differentiable(user_lse)
+        return out, user_lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
@@ -202,7 +203,8 @@ def _run(be: Backend, q, k, v, p: AttnParams):
         return be.attention(q, k, v, p)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FA2Function.apply(q, k, v, be, p)
-    return be.forward(q, k, v, p)
+    out, lse = be.forward(q, k, v, p)
+    return out, lse.to(lse_dtype(q.dtype))
 
 
 def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int, seqlen_k: int):
@@ -428,14 +430,15 @@ def flash_attn_with_kvcache(
     profile = profile_for_device(q.device)
     p = AttnParams(scale, causal, window, profile=profile)
 
-    # a backend with a fused decode path (Triton split-KV) handles append + attention itself
+    # resolve the backend before touching the cache, so a refusal leaves it untouched
     req = _request(q, k_cache, p, return_lse, Sq, Smax)
-    for be in choose_backend(req, backend, profile):
-        fused = getattr(be, "kvcache_attention", None)
-        if fused is not None and be.kvcache_check(q, k_cache, p) is None:
-            out, lse = fused(q, k_cache, v_cache, k, v, cache_seqlens, p)
-            return (out, lse) if return_lse else out
-        break
+    candidates = choose_backend(req, backend, profile)
+    fused = getattr(candidates[0], "kvcache_attention", None)
+    if fused is not None and candidates[0].kvcache_check(q, k_cache, p) is None:
+        # a backend with a fused decode path (Triton split-KV) appends and attends itself
+        out, lse = fused(q, k_cache, v_cache, k, v, cache_seqlens, p)
+        return (out, lse) if return_lse else out
+    inner = backend  # the inner call re-dispatches (auto keeps its fall-through)
 
     with torch.no_grad():
         if snew:
@@ -451,17 +454,17 @@ def flash_attn_with_kvcache(
                 out = q.new_zeros(q.shape)
                 lse = torch.full((B, H, Sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
                 return (out, lse) if return_lse else out
-            res = flash_attn_func(q, k_cache[:, :L], v_cache[:, :L], scale, causal, window, True, backend)
-            return res if return_lse else res[0]
+            return flash_attn_func(q, k_cache[:, :L], v_cache[:, :L], scale, causal, window, return_lse, inner)
         # ragged lengths: pack the valid rows and run one varlen call
         valid = torch.arange(Smax, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # (B, Smax)
         kp, vp = k_cache[valid], v_cache[valid]
         cu_k = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
         cu_k[1:] = torch.cumsum(lens, 0)
         cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
-        out, lse = flash_attn_varlen_func(
-            q.reshape(B * Sq, H, D), kp, vp, cu_q, cu_k, Sq, max(lens_list), scale, causal, window, True, backend
+        res = flash_attn_varlen_func(
+            q.reshape(B * Sq, H, D), kp, vp, cu_q, cu_k, Sq, max(lens_list), scale, causal, window, return_lse, inner
         )
-        out = out.view(B, Sq, H, D)
-        lse = lse.view(H, B, Sq).permute(1, 0, 2)
-        return (out, lse) if return_lse else out
+        if not return_lse:
+            return res.view(B, Sq, H, D)
+        out, lse = res
+        return out.view(B, Sq, H, D), lse.view(H, B, Sq).permute(1, 0, 2)

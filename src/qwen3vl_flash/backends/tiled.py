@@ -11,9 +11,10 @@ GQA: the ``g = H // Hkv`` query heads sharing a KV head are folded into the quer
 multiplied once per group and never repeated in memory.
 
 Numerics (as FA2): matmuls run in the input dtype (fp32 accumulation inside the BLAS), P is
-cast to the input dtype for P @ V, accumulators and lse are float32 (float64 for float64
-inputs). The softmax scale is folded into Q once (and log2(e) too in the backward, which then
-uses ``exp2``).
+cast to the input dtype for P @ V, accumulators are float32 (float64 for float64 inputs). The
+softmax scale is folded into Q once. For float32 inputs the lse is kept in float64 between
+forward and backward (returned to users as float32), so recomputing P = exp(S - lse) stays
+accurate when the logits are large.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import torch
 from ..reference import lse_dtype
 from .base import AttnParams, AttnRequest, Backend, register_backend
 
-LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
+
+
+def _lse_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float32/float64 inputs: the lse of large logits keeps full float32 accuracy
+    for the backward (the public functions hand users float32); float32 for fp16/bf16."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _fold(x: torch.Tensor, Hkv: int) -> torch.Tensor:
@@ -133,11 +138,12 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
     Sk, Hkv = k.shape[1], k.shape[2]
     g = H // Hkv
     acc_t = lse_dtype(q.dtype)
+    lse_t_dtype = _lse_compute_dtype(q.dtype)
     qf = _fold(q * scale, Hkv)  # (BH, R, D), softmax scale folded in once
     kT, vh = _kv_transposed(k), _kv_heads_first(v)
     BH, R = qf.shape[0], qf.shape[1]
     out = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
-    lse_rows = torch.empty(BH, R, dtype=acc_t, device=q.device)
+    lse_rows = torch.empty(BH, R, dtype=lse_t_dtype, device=q.device)
     tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device, q.dtype)
     ninf = float("-inf")
     for r0 in range(0, R, block_m):
@@ -148,10 +154,10 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
             s = torch.bmm(qb, kT[:, :, c0:c1])  # (BH, rows, cols), input dtype
             if bias is not None:
                 s.add_(bias)
-            m_t = s.amax(-1).to(acc_t)
+            m_t = s.amax(-1).to(lse_t_dtype)
             p = torch.softmax(s, -1)
             # lse_t = m_t + log(l_t), with 1 / l_t = max_j p_j
-            lse_t = m_t - torch.log(p.amax(-1).to(acc_t))
+            lse_t = m_t - torch.log(p.amax(-1).to(lse_t_dtype))
             if empty is not None:  # rows that see none of this tile's keys: P = 0, lse_t = -inf
                 p[:, empty] = 0
                 lse_t[:, empty] = ninf
@@ -162,7 +168,8 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
             # -- merge (acc, lse) with (pv, lse_t); a pivot of 0 keeps rows with two -inf finite
             new = torch.logaddexp(lse, lse_t)
             pivot = new.masked_fill(torch.isneginf(new), 0.0)
-            acc.mul_(torch.exp(lse - pivot).unsqueeze(-1)).add_(pv.mul_(torch.exp(lse_t - pivot).unsqueeze(-1)))
+            acc.mul_(torch.exp(lse - pivot).to(acc_t).unsqueeze(-1))
+            acc.add_(pv.mul_(torch.exp(lse_t - pivot).to(acc_t).unsqueeze(-1)))
             lse = new
         if acc is None:  # this row tile sees no key at all
             out[:, r0:r1] = 0
@@ -180,13 +187,19 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
     Sk, Hkv = k.shape[1], k.shape[2]
     g = H // Hkv
     acc_t = lse_dtype(q.dtype)
-    qf = _fold(q * (scale * LOG2E), Hkv)
+    qf = _fold(q * scale, Hkv)  # the forward's exact scores are recomputed from the same product
     dof = _fold(dout, Hkv)
     # D_i = rowsum(dO * O): the softmax-Jacobian term, one number per query row
     delta = (dof.to(acc_t) * _fold(out, Hkv).to(acc_t)).sum(-1)
-    # lse per folded row in the log2 domain; rows that saw nothing get +inf so P = 0 there
-    lse_rows = lse.view(B, Hkv, g, Sq).transpose(2, 3).reshape(B * Hkv, Sq * g).to(acc_t) * LOG2E
+    # lse per folded row; rows that saw nothing get +inf so P = 0 there. A float64 lse for float32
+    # inputs is split into hi + lo float32 parts: S - hi is exact near the row max (Sterbenz), so
+    # P = exp(S - hi - lo) keeps float32 accuracy even when |lse| is large.
+    lse_rows = lse.view(B, Hkv, g, Sq).transpose(2, 3).reshape(B * Hkv, Sq * g)
     lse_rows = lse_rows.masked_fill(torch.isneginf(lse_rows), float("inf"))
+    lse_hi = lse_rows.to(acc_t)
+    lse_lo = None
+    if lse_rows.dtype != acc_t:
+        lse_lo = torch.where(torch.isinf(lse_rows), 0.0, lse_rows - lse_hi.to(lse_rows.dtype)).to(acc_t)
     kh, vh, kT = _kv_heads_first(k), _kv_heads_first(v), _kv_transposed(k)
     vT = _kv_transposed(v)
     BH, R = qf.shape[0], qf.shape[1]
@@ -199,10 +212,14 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
         r1 = min(r0 + block_m, R)
         qb, dob = qf[:, r0:r1], dof[:, r0:r1]
         dq_b = torch.zeros(BH, r1 - r0, D, dtype=acc_t, device=q.device)
-        lse_b, delta_b = lse_rows[:, r0:r1].unsqueeze(-1), delta[:, r0:r1].unsqueeze(-1)
+        hi_b, delta_b = lse_hi[:, r0:r1].unsqueeze(-1), delta[:, r0:r1].unsqueeze(-1)
+        lo_b = lse_lo[:, r0:r1].unsqueeze(-1) if lse_lo is not None else None
         for c0, c1, bias, _ in tiling.tiles(r0, r1):
             kb = kh[:, c0:c1]
-            p = _scores(qb, kT[:, :, c0:c1], acc_t, bias).sub_(lse_b).exp2_()  # (BH, rows, cols)
+            p = _scores(qb, kT[:, :, c0:c1], acc_t, bias).sub_(hi_b)  # (BH, rows, cols)
+            if lo_b is not None:
+                p.sub_(lo_b)
+            p.exp_()
             dp = torch.bmm(dob, vT[:, :, c0:c1])
             dp = dp.to(acc_t) if lowp else dp
             ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D)
@@ -216,8 +233,6 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
                 dq_b.baddbmm_(ds, kb)
                 dk[:, c0:c1].baddbmm_(ds.transpose(1, 2), qb)
         dq[:, r0:r1] = (dq_b * scale).to(q.dtype)
-    # qb carried scale*log2(e); dS^T q needs scale only
-    dk.mul_(1.0 / LOG2E)
     dk = dk.view(B, Hkv, Sk, D).transpose(1, 2).to(k.dtype)
     dv = dv.view(B, Hkv, Sk, D).transpose(1, 2).to(v.dtype)
     return _unfold(dq, B, Sq, H), dk, dv
