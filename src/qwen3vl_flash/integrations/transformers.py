@@ -143,6 +143,7 @@ def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
                  max_q=int(nq.max()), max_k=int(nk.max()))
 
 
+@torch.compiler.disable  # host-side analysis: a graph break under torch.compile, never a recompile
 def _plan_for(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
     """Every layer of a forward gets the same mask object: analyse it once (one host sync)."""
     key = (id(mask), causal, seqlen_k)
