@@ -16,6 +16,8 @@ Fields a backend reads:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -126,8 +128,10 @@ PROFILES: Dict[str, TileProfile] = {
             name="generic-cpu",
             device_type="cpu",
             tile_size=64,
+            # swept on the 2-core CI machine (fp32/bf16, text-8B heads, S=2048): 256 x 256 or
+            # 256 x 128 best; 1024 x 1024 is 2x slower (docs/performance.md)
             block_m=256,
-            block_n=512,
+            block_n=256,
             auto_order=_CPU_ORDER,
             tiled_min_seqlen=256,
             description="any CPU: tiles measured on the 2-core CI machine",
@@ -168,8 +172,30 @@ def select_profile(hw: Optional[HardwareInfo] = None, name: Optional[str] = None
 _DEVICE_PROFILES: Dict[Tuple[str, Optional[int]], TileProfile] = {}
 
 
+_PINNED: contextvars.ContextVar = contextvars.ContextVar("qwen3vl_flash_profile", default=None)
+
+
+@contextlib.contextmanager
+def use_profile(profile):
+    """Run the attention calls inside this block with ``profile`` (a TileProfile or a name) on
+    devices of its type. Thread- and task-local (a context variable), unlike the env override."""
+    if isinstance(profile, str):
+        profile = select_profile(name=profile)
+    if not isinstance(profile, TileProfile):
+        raise TypeError(f"profile must be a TileProfile or a profile name, got {type(profile).__name__}")
+    token = _PINNED.set(profile)
+    try:
+        yield profile
+    finally:
+        _PINNED.reset(token)
+
+
 def profile_for_device(device: torch.device) -> TileProfile:
-    """The profile for the device a call runs on (the env override applies to matching devices)."""
+    """The profile for the device a call runs on: a pinned one (:func:`use_profile`), else the
+    ``$QWEN3VL_FLASH_PROFILE`` override, else the detected hardware's (each only for matching devices)."""
+    pinned = _PINNED.get()
+    if pinned is not None and pinned.device_type == device.type:
+        return pinned
     env = os.environ.get(ENV_PROFILE)
     if env:
         prof = select_profile(name=env)

@@ -28,23 +28,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..hardware.detect import HardwareInfo, detect_hardware
-from ..hardware.profiles import ENV_PROFILE, PROFILES, TileProfile, select_profile
+from ..hardware.profiles import TileProfile, select_profile, use_profile
 from .transformers import _eager, attend
 
 __all__ = [
-    "FlashAttention2",
-    "HardwareSpecificFlashAttention2",
-    "FlashAttention2TransformerLayer",
-    "create_flash_attention_2",
-    "MRoPE",
     "DEFAULT_MROPE_SECTION",
+    "FlashAttention2",
+    "FlashAttention2TransformerLayer",
+    "HardwareSpecificFlashAttention2",
+    "MRoPE",
+    "create_flash_attention_2",
 ]
 
 log = logging.getLogger("qwen3vl_flash")
@@ -57,7 +56,7 @@ def _text_config(config):
     return getattr(config, "text_config", None) or config
 
 
-def _rope_settings(cfg) -> Tuple[float, Optional[Sequence[int]]]:
+def _rope_settings(cfg) -> tuple[float, Sequence[int] | None]:
     params = getattr(cfg, "rope_parameters", None)  # 5.x
     if isinstance(params, dict) and params:
         return float(params.get("rope_theta", DEFAULT_ROPE_THETA)), params.get("mrope_section")
@@ -74,7 +73,7 @@ class MRoPE(nn.Module):
     i < 3*sec_w, t elsewhere), as transformers' ``Qwen3VLTextRotaryEmbedding`` does."""
 
     def __init__(self, head_dim: int, theta: float = DEFAULT_ROPE_THETA,
-                 mrope_section: Optional[Sequence[int]] = None):
+                 mrope_section: Sequence[int] | None = None):
         super().__init__()
         half = head_dim // 2
         if mrope_section is None:
@@ -232,12 +231,12 @@ class FlashAttention2(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         past_key_value=None,
         output_attentions: bool = False,
         use_cache: bool = False,
-        position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ):
         if past_key_value is None:
@@ -294,8 +293,8 @@ class HardwareSpecificFlashAttention2(FlashAttention2):
     with that profile (on a device of its type) whatever ``$QWEN3VL_FLASH_PROFILE`` says later.
     """
 
-    def __init__(self, config, layer_idx: int = 0, profile: Union[str, TileProfile, None] = None,
-                 hardware: Optional[HardwareInfo] = None, **kwargs):
+    def __init__(self, config, layer_idx: int = 0, profile: str | TileProfile | None = None,
+                 hardware: HardwareInfo | None = None, **kwargs):
         super().__init__(config, layer_idx, **kwargs)
         if isinstance(profile, TileProfile):
             chosen = profile
@@ -307,9 +306,6 @@ class HardwareSpecificFlashAttention2(FlashAttention2):
             self.hardware = hardware if hardware is not None else detect_hardware()
             chosen = select_profile(self.hardware)
         self.profile = chosen
-        if PROFILES.get(chosen.name) is not chosen:
-            log.warning("qwen3vl_flash: profile %r is not a registered profile; kernels use the registered "
-                        "profile of that name, if any", chosen.name)
         log.info("qwen3vl_flash: %s layer %d pinned to profile %r (tile_size %d)",
                  type(self).__name__, layer_idx, chosen.name, chosen.tile_size)
 
@@ -324,19 +320,9 @@ class HardwareSpecificFlashAttention2(FlashAttention2):
     def extra_repr(self) -> str:
         return f"profile={self.profile.name!r}, tile_size={self.profile.tile_size}"
 
-    @contextlib.contextmanager
     def _attention_context(self):
-        # the public kernels read the profile per call from $QWEN3VL_FLASH_PROFILE (for devices of
-        # the profile's type); set it for the duration of the call
-        old = os.environ.get(ENV_PROFILE)
-        os.environ[ENV_PROFILE] = self.profile.name
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop(ENV_PROFILE, None)
-            else:
-                os.environ[ENV_PROFILE] = old
+        # pinned per call through a context variable: thread-safe, and any TileProfile works
+        return use_profile(self.profile)
 
 
 class FlashAttention2TransformerLayer(nn.Module):
