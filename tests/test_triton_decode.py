@@ -44,8 +44,9 @@ pytestmark = [
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 # splits of 16 keys (several per row at these lengths), 16-key tiles
 SMALL = PROFILES["generic-cpu"].replace(
-    triton={"decode": {"min_chunk": 16, "min_chunk_per_row": 1, "block_n": {64: 16, 128: 16, 256: 16}}}
-)
+    triton={"decode": {"min_chunk": 16, "min_chunk_per_row": 1, "block_n": {64: 16, 128: 16, 256: 16},
+                       "fuse_merge_max_rows": 16}}
+)  # the fused merge; UNFUSED below and DEFAULT test the separate merge kernel
 DEFAULT = PROFILES["generic-cpu"]
 
 

@@ -57,9 +57,10 @@ DECODE_DEFAULTS: Dict[str, object] = {
     "num_stages": 3,
     "merge_num_warps": 4,
     # merge inside the split kernel (the last split of a (row, kv head) does it, counted by an
-    # atomic): one launch instead of two. Up to this many packed query rows; more use the
-    # separate merge kernel, whose programs share the rows out
-    "fuse_merge_max_rows": 16,
+    # atomic) for up to this many packed query rows: one launch instead of two, so less host time,
+    # but on H100 it cost 3-7 us more device time at B=1 4k/32k than the separate merge kernel
+    # (docs/perf/decode.md), so it is off by default; set 16 in profile.triton["decode"] to use it
+    "fuse_merge_max_rows": 0,
 }
 
 
@@ -264,7 +265,7 @@ def _split_kernel(
         done = tl.atomic_add(SEM + pid_bh, 1, sem="acq_rel", scope="gpu")
         if done == n_used - 1:
             tl.atomic_xchg(SEM + pid_bh, 0, sem="relaxed", scope="gpu")  # ready for the next call
-            for m in range(GROUP * SQ):
+            for m in tl.static_range(GROUP * SQ):  # unrolled: every row's loads issue at once
                 s_m = m // GROUP
                 h_m = hkv * GROUP + m % GROUP
                 _merge_row(O_PART, LSE_PART, OUT, LSE, (b * (HKV * GROUP) + h_m) * SQ + s_m,
