@@ -8,12 +8,14 @@ transformers-dependent names (``enable``, ``ATTN_IMPLEMENTATION``, the seed's mo
 imported on first use, so the kernels work without transformers installed.
 """
 
-from .backends.base import available_backends
+from .backends.base import _ensure_loaded, available_backends
 from .hardware.detect import HardwareInfo, detect_hardware
 from .hardware.profiles import PROFILES, TileProfile, select_profile
 from .interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 __version__ = "0.1.0"
+
+_ensure_loaded()  # register every backend now: torch.compile cannot trace the lazy importlib path
 
 ATTN_IMPLEMENTATION = "qwen3vl_flash"
 

@@ -193,7 +193,8 @@ def use_profile(profile):
 def profile_for_device(device: torch.device) -> TileProfile:
     """The profile for the device a call runs on: a pinned one (:func:`use_profile`), else the
     ``$QWEN3VL_FLASH_PROFILE`` override, else the detected hardware's (each only for matching devices)."""
-    pinned = _PINNED.get()
+    # torch.compile cannot trace ContextVar.get: compiled graphs use the env/detected profile
+    pinned = None if torch.compiler.is_compiling() else _PINNED.get()
     if pinned is not None and pinned.device_type == device.type:
         return pinned
     env = os.environ.get(ENV_PROFILE)
