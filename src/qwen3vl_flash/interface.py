@@ -163,7 +163,7 @@ def choose_backend(req: AttnRequest, backend: str, profile: TileProfile) -> List
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run this call: {reason}")
         return [be]
-    order = list(profile.order_for(req.dtype))
+    order = list(profile.order_for(req.dtype, req.varlen))
     if "tiled" in order and req.seqlen_k < profile.tiled_min_seqlen:
         order.remove("tiled")
         order.insert(len(order) - 1 if order and order[-1] == "eager" else len(order), "tiled")
@@ -361,6 +361,7 @@ def flash_attn_with_kvcache(
     backend: str = "auto",
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
+    block_table: Optional[torch.Tensor] = None,
 ):
     """Attention of new queries against a KV cache, appending new keys/values in place.
 
@@ -372,6 +373,9 @@ def flash_attn_with_kvcache(
         cache_seqlens: int32 (B,) tensor (or an int for all rows): valid cache length per batch
             *before* the append. None means the whole cache is valid (then k/v must be None).
         causal: bottom-right aligned over the cache_seqlens + Snew visible keys (default True).
+        block_table: optional int32 (B, max_pages) for a paged cache (vLLM / flash-attn layout):
+            the caches are then (num_pages, page_size, Hkv, D) and row b's token t lives in page
+            block_table[b, t // page_size] at offset t % page_size; Smax = max_pages * page_size.
 
     Returns:
         out (B, Sq, H, D) [, lse (B, H, Sq)]. Not differentiable (inference path).
@@ -381,15 +385,27 @@ def flash_attn_with_kvcache(
         lengths, k without v, or shapes that do not match the cache; the cache is untouched then.
     """
     _check_tensor("q", q, 4, "(B, Sq, H, D)")
-    _check_tensor("k_cache", k_cache, 4, "(B, Smax, Hkv, D)")
-    _check_tensor("v_cache", v_cache, 4, "(B, Smax, Hkv, D)")
+    layout = "(num_pages, page_size, Hkv, D)" if block_table is not None else "(B, Smax, Hkv, D)"
+    _check_tensor("k_cache", k_cache, 4, layout)
+    _check_tensor("v_cache", v_cache, 4, layout)
     _check_same(q, [("k_cache", k_cache), ("v_cache", v_cache)])
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     B, Sq, H, D = q.shape
-    Smax = k_cache.shape[1]
-    if k_cache.shape[0] != B:
-        raise ValueError(f"k_cache must have q's batch size ({B}), got {k_cache.shape[0]}")
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be an int32 tensor of shape (B, max_pages), got "
+                            f"{getattr(block_table, 'dtype', type(block_table).__name__)}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must have shape (B, max_pages) with B={B}, got {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+        num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
+        Smax = block_table.shape[1] * page_size
+    else:
+        Smax = k_cache.shape[1]
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache must have q's batch size ({B}), got {k_cache.shape[0]}")
     _check_heads(q, k_cache, v_cache)
     window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
     if (k is None) != (v is None):
@@ -419,13 +435,17 @@ def flash_attn_with_kvcache(
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
     if _checks_values(cache_seqlens):
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync for both
         if lo < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
         if hi + snew > Smax:
             raise ValueError(
                 f"cache overflow: cache_seqlens ({hi}) + Snew ({snew}) exceeds the cache length Smax={Smax}"
             )
+        if block_table is not None:
+            from .backends.triton_decode import check_block_table_values
+
+            check_block_table_values(block_table, cache_seqlens, snew, num_pages, page_size)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     profile = profile_for_device(q.device)
     p = AttnParams(scale, causal, window, profile=profile)
@@ -433,12 +453,17 @@ def flash_attn_with_kvcache(
     # resolve the backend before touching the cache, so a refusal leaves it untouched
     req = _request(q, k_cache, p, return_lse, Sq, Smax)
     candidates = choose_backend(req, backend, profile)
-    fused = getattr(candidates[0], "kvcache_attention", None)
-    if fused is not None and candidates[0].kvcache_check(q, k_cache, p) is None:
-        # a backend with a fused decode path (Triton split-KV) appends and attends itself
-        out, lse = fused(q, k_cache, v_cache, k, v, cache_seqlens, p)
-        return (out, lse) if return_lse else out
+    # a backend with a fused decode path (Triton split-KV: no host syncs, CUDA-graph capturable)
+    # appends and attends itself; auto prefers it to any backend without one
+    for be in candidates:
+        fused = getattr(be, "kvcache_attention", None)
+        if fused is not None and be.kvcache_check(q, k_cache, p) is None:
+            out, lse = fused(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
+            return (out, lse) if return_lse else out
     inner = backend  # the inner call re-dispatches (auto keeps its fall-through)
+    if block_table is not None:
+        return _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
+                                       window, return_lse, inner)
 
     with torch.no_grad():
         if snew:
@@ -468,3 +493,21 @@ def flash_attn_with_kvcache(
             return res.view(B, Sq, H, D)
         out, lse = res
         return out.view(B, Sq, H, D), lse.view(H, B, Sq).permute(1, 0, 2)
+
+
+def _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,
+                            return_lse, backend):
+    """Paged cache without a fused kernel: append into the pages, gather each row's pages into a
+    contiguous copy (O(B * Smax) memory) and run the contiguous path without appending again."""
+    num_pages, page_size, Hkv, D = k_cache.shape
+    B = q.shape[0]
+    with torch.no_grad():
+        if k is not None and k.shape[1]:
+            pos = cache_seqlens.long().unsqueeze(1) + torch.arange(k.shape[1], device=q.device)  # (B, Snew)
+            page = torch.gather(block_table.long(), 1, pos // page_size)
+            k_cache[page, pos % page_size] = k
+            v_cache[page, pos % page_size] = v
+            cache_seqlens = cache_seqlens + k.shape[1]
+        kc = k_cache[block_table.long()].reshape(B, -1, Hkv, D)
+        vc = v_cache[block_table.long()].reshape(B, -1, Hkv, D)
+    return flash_attn_with_kvcache(q, kc, vc, None, None, cache_seqlens, scale, causal, backend, window, return_lse)

@@ -10,7 +10,8 @@ Fields a backend reads:
 * ``block_m`` / ``block_n``: the ``tiled`` backend's query-row and key tiles (query rows count
   the GQA group folded in, i.e. ``block_m`` rows of (query, head-in-group) pairs).
 * ``triton``: data for the Triton kernels (block sizes, warps, stages per head_dim / arch).
-* ``auto_order``: backends ``auto`` tries, first to last, per dtype ("default" otherwise).
+* ``auto_order``: backends ``auto`` tries, first to last, per dtype ("default" otherwise;
+  "varlen" for packed calls where given).
 * ``tiled_min_seqlen``: below this key length ``auto`` skips ``tiled`` (launch overheads win).
 """
 
@@ -45,12 +46,22 @@ class TileProfile:
     def replace(self, **changes) -> "TileProfile":
         return dataclasses.replace(self, **changes)
 
-    def order_for(self, dtype: torch.dtype) -> Tuple[str, ...]:
+    def order_for(self, dtype: torch.dtype, varlen: bool = False) -> Tuple[str, ...]:
+        if varlen and "varlen" in self.auto_order:
+            return self.auto_order["varlen"]
         key = str(dtype).replace("torch.", "")
         return self.auto_order.get(key, self.auto_order["default"])
 
 
-_GPU_ORDER = {"default": ("triton", "sdpa", "tiled", "eager")}
+# Hopper/Ampere, measured on H100 (docs/performance.md): for dense calls PyTorch's cuDNN kernel
+# is still ahead of our Triton kernel (0.75-0.8x of it), so auto takes SDPA there; our kernels
+# serve what SDPA cannot (lse, i.e. context parallelism) and varlen (one launch over all
+# segments instead of SDPA's per-segment loop with a host sync); KV-cache decoding prefers the
+# fused Triton split-KV path whatever the order (interface.flash_attn_with_kvcache).
+_GPU_ORDER = {
+    "default": ("sdpa", "triton", "tiled", "eager"),
+    "varlen": ("triton", "sdpa", "tiled", "eager"),
+}
 # CPU: PyTorch's fused CPU flash kernel (which the sdpa backend calls with its lse) is faster
 # than a Python-level FA2 loop in every dtype we measured (docs/performance.md); tiled is the
 # fallback if it fails.
