@@ -96,7 +96,8 @@ def _checks_values(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str, device) -> None:
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str, device):
+    """Validate cu_seqlens; returns the segment lengths when the values were read, else None."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor of shape (N+1,), got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -110,7 +111,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, 
     if max_seqlen < 0:
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
     if not _checks_values(cu):
-        return
+        return None
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
@@ -121,6 +122,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, 
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {vals[-1]}")
     if max(lens) > max_seqlen:
         raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest segment in {name} ({max(lens)})")
+    return lens
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +325,8 @@ def flash_attn_varlen_func(
         raise ValueError(f"v must have as many tokens as k ({k.shape[0]}), got {v.shape[0]}")
     _check_heads(q, k, v)
     window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    lens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    lens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
@@ -341,6 +343,18 @@ def flash_attn_varlen_func(
         max_seqlen_k=max_seqlen_k,
         profile=profile_for_device(q.device),
     )
+    if lens_q and lens_k and min(lens_q) == max(lens_q) > 0 and min(lens_k) == max(lens_k) > 0:
+        # equal segments (video frames, one image) are a dense batch: one batched call, which
+        # lets auto use the dense kernels (cuDNN on Hopper) without a per-segment loop
+        N, Lq, Lk = len(lens_q), lens_q[0], lens_k[0]
+        res = flash_attn_func(
+            q.view(N, Lq, *q.shape[1:]), k.view(N, Lk, *k.shape[1:]), v.view(N, Lk, *v.shape[1:]),
+            scale, causal, window, return_lse, backend,
+        )
+        if not return_lse:
+            return res.reshape(q.shape)
+        out, lse = res  # lse (N, H, Lq) -> (H, N * Lq)
+        return out.reshape(q.shape), lse.permute(1, 0, 2).reshape(q.shape[1], -1)
     if q.shape[0] == 0 or k.shape[0] == 0:
         out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)

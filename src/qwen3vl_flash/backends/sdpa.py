@@ -24,11 +24,32 @@ from ..reference import lse_dtype, visibility_mask
 from .base import AttnParams, Backend, register_backend
 
 
-def _mask_for(Sq: int, Sk: int, p: AttnParams, device) -> Tuple[Optional[torch.Tensor], bool]:
-    """(boolean visibility mask or None, is_causal flag for PyTorch's top-left causal)."""
-    if p.has_window or (p.causal and Sq != Sk):
+def _mask_for(Sq: int, Sk: int, p: AttnParams, device):
+    """(mask or None, is_causal) for PyTorch: None/False when every key is visible (e.g. causal
+    decoding, Sq == 1), PyTorch's own top-left causal when Sq == Sk, else a boolean mask."""
+    if not p.has_window and (not p.causal or Sq == 1):
+        return None, False
+    if p.has_window or Sq != Sk:
         return visibility_mask(Sq, Sk, p.causal, p.window_size, device=device), False
-    return None, p.causal
+    return None, True
+
+
+def _empty_rows(Sq: int, Sk: int, p: AttnParams) -> Optional[slice]:
+    """Rows that see no key, found on the host (no device sync): they form a prefix (causal or a
+    right window with Sq > Sk) and/or a suffix (a left window). Returns a boolean row selector."""
+    left, right = p.window_size
+    if p.causal:
+        right = 0 if right < 0 else min(right, 0)
+    off = Sk - Sq
+    first = max(0, -off - right) if right >= 0 else 0  # rows < first see nothing
+    last = Sk - 1 - off + left if left >= 0 else Sq - 1  # rows > last see nothing
+    if first == 0 and last >= Sq - 1:
+        return None
+    rows = torch.zeros(Sq, dtype=torch.bool)
+    rows[: min(first, Sq)] = True
+    if last < Sq - 1:
+        rows[max(last + 1, 0):] = True
+    return rows
 
 
 class _CpuFlash(torch.autograd.Function):
@@ -54,11 +75,11 @@ class _CpuFlash(torch.autograd.Function):
         ctx.save_for_backward(qt, kt, vt, out, lse, add_mask if add_mask is not None else torch.empty(0))
         ctx.meta = (is_causal, add_mask is not None, p.softmax_scale, g, Hkv)
         lse_out = lse.to(lse_dtype(q.dtype))
-        if mask is not None:
-            empty = ~mask.any(dim=-1)  # (Sq,)
-            if bool(empty.any()):
-                out = out.masked_fill(empty.view(1, 1, Sq, 1), 0.0)
-                lse_out = lse_out.masked_fill(empty.view(1, 1, Sq), float("-inf"))
+        empty = _empty_rows(Sq, Sk, p)
+        if empty is not None:
+            empty = empty.to(q.device)
+            out = out.masked_fill(empty.view(1, 1, Sq, 1), 0.0)
+            lse_out = lse_out.masked_fill(empty.view(1, 1, Sq), float("-inf"))
         ctx.mark_non_differentiable(lse_out)
         return out.transpose(1, 2), lse_out
 
@@ -85,10 +106,9 @@ def _cuda_dense(q, k, v, p: AttnParams):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
         scale=p.softmax_scale, enable_gqa=q.shape[2] != k.shape[2],
     ).transpose(1, 2)
-    if mask is not None:
-        empty = ~mask.any(dim=-1)  # some kernels return NaN there; the contract says 0
-        if bool(empty.any()):
-            out = out.masked_fill(empty.view(1, Sq, 1, 1), 0.0)
+    empty = _empty_rows(Sq, Sk, p)  # some kernels return NaN there; the contract says 0
+    if empty is not None:
+        out = out.masked_fill(empty.to(q.device).view(1, Sq, 1, 1), 0.0)
     return out, None
 
 
