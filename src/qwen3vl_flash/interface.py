@@ -5,6 +5,7 @@ Data flows one way: public function -> validation -> backend choice -> backend k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -210,6 +211,8 @@ def _run(be: Backend, q, k, v, p: AttnParams):
 
 
 def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int, seqlen_k: int):
+    if need_lse:
+        p = dataclasses.replace(p, need_lse=True)
     req = _request(q, k, p, need_lse, seqlen_q, seqlen_k)
     candidates = choose_backend(req, backend, p.profile)
     explicit = len(candidates) == 1 and (backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto")

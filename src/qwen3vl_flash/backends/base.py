@@ -38,6 +38,7 @@ class AttnParams:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     profile: object = None  # hardware.profiles.TileProfile
+    need_lse: bool = False  # the caller asked for the lse (backends may skip computing it otherwise)
 
     @property
     def varlen(self) -> bool:

@@ -1,11 +1,11 @@
 """``sdpa``: PyTorch's fused kernels (flash / cuDNN / memory-efficient on GPUs, flash on CPU).
 
-* CPU: we call PyTorch's CPU flash kernel directly
+* CPU, when the lse is asked for: we call PyTorch's CPU flash kernel directly
   (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward), which returns the
   log-sum-exp; so on CPUs this backend serves calls that need lse (context parallelism) at
-  SDPA's speed. GQA expands K/V to the query heads for the kernel (O(seq) memory) and sums the
+  SDPA's speed. Otherwise ``F.scaled_dot_product_attention`` as on GPUs. GQA expands K/V to the query heads for the kernel (O(seq) memory) and sums the
   group's dK/dV afterwards.
-* CUDA: ``F.scaled_dot_product_attention`` (PyTorch picks flash, cuDNN or memory-efficient,
+* CUDA (and CPU without lse): ``F.scaled_dot_product_attention`` (PyTorch picks flash, cuDNN or memory-efficient,
   incl. the efficient kernel on Pascal/sm61); no lse, so calls needing one go elsewhere.
 
 PyTorch's ``is_causal`` is aligned top-left, so when Sq != Sk (or with a window) we pass an
@@ -98,7 +98,7 @@ class _CpuFlash(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
 
 
-def _cuda_dense(q, k, v, p: AttnParams):
+def _torch_dense(q, k, v, p: AttnParams):
     """F.scaled_dot_product_attention on (B, S, H, D) tensors -> (B, Sq, H, D)."""
     Sq, Sk = q.shape[1], k.shape[1]
     mask, is_causal = _mask_for(Sq, Sk, p, q.device)
@@ -113,9 +113,9 @@ def _cuda_dense(q, k, v, p: AttnParams):
 
 
 def _dense(q, k, v, p: AttnParams):
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and p.need_lse:
         return _CpuFlash.apply(q, k, v, p)
-    return _cuda_dense(q, k, v, p)
+    return _torch_dense(q, k, v, p)  # PyTorch's own dispatch (GQA without expanding K/V)
 
 
 class SdpaBackend(Backend):
