@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=1
-python -m pytest -q tests "$@"
+python -m pytest tests "$@"
 if [ -f tests/run_transformers_457.sh ]; then
   bash tests/run_transformers_457.sh
 fi
