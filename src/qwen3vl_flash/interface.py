@@ -437,6 +437,7 @@ def flash_attn_with_kvcache(
             if tuple(x.shape) != expect:
                 raise ValueError(f"{name} must have shape (B, Snew, Hkv, D) = {expect}, got {tuple(x.shape)}")
         snew = k.shape[1]
+    lengths_known = cache_seqlens is None  # built here: nothing to check on the device
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when new k/v are appended")
@@ -451,7 +452,7 @@ def flash_attn_with_kvcache(
         raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
-    if _checks_values(cache_seqlens):
+    if not lengths_known and _checks_values(cache_seqlens):
         lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync for both
         if lo < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")

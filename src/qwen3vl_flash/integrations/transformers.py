@@ -207,6 +207,13 @@ def _sdpa_with_mask(q, k, v, mask, scale: float):
     return out.transpose(1, 2).contiguous()
 
 
+DECODE_MAX_QUERIES = 16  # the Triton split-KV decode kernels take up to 16 query tokens
+
+
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = None, cp_group=None):
     """Exact attention for transformers-layout tensors, honouring a transformers mask.
 
@@ -229,10 +236,15 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
             from ..parallel import context_parallel_attn
 
             out = context_parallel_attn(qt, kt, vt, causal=causal, group=cp_group, softmax_scale=scale)
+        elif q.is_cuda and Sq <= DECODE_MAX_QUERIES and Sq < Sk and not _needs_grad(q, k, v):
+            # decoding against a DynamicCache history: the split-KV decode path reads the cache
+            # in place (strided views), with no host syncs and a host cost independent of Sk
+            # (cuDNN rebuilds its plan whenever Sk changes); auto falls back to the dense path
+            out = flash_attn_with_kvcache(qt, kt, vt, softmax_scale=scale, causal=causal)
         else:
             out = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=causal)
         return out.contiguous()
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = _needs_grad(q, k, v)
     if plan.kind == "kvcache" and not needs_grad:
         return flash_attn_with_kvcache(qt, kt, vt, cache_seqlens=plan.cache_seqlens, softmax_scale=scale,
                                        causal=causal).contiguous()
