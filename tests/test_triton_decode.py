@@ -298,3 +298,24 @@ def test_through_public_api():
         qf.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=torch.full((B,), Smax, dtype=torch.int32),
                                    backend="triton")
     _check_cache(kc, vc, kc0, vc0, kn, vn, seqlens)
+
+
+@pytest.mark.parametrize("Sq", [1, 3])
+def test_strided_history_views_as_cache(Sq):
+    """transformers' DynamicCache hands K/V as (B, Hkv, S, D); the integration passes their
+    (B, S, Hkv, D) transposed views straight to the decode path: no copy, same result."""
+    import qwen3vl_flash as qf
+
+    B, H, Hkv, D, S = 2, 8, 2, 64, 45
+    k = _fresh((B, Hkv, S, D), torch.bfloat16)
+    v = _fresh((B, Hkv, S, D), torch.bfloat16)
+    q = _fresh((B, Sq, H, D), torch.bfloat16)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    assert not kt.is_contiguous()
+    k0, v0 = k.clone(), v.clone()
+    out = qf.flash_attn_with_kvcache(q, kt, vt, causal=True, backend="triton")
+    ref = attention_ref(q, kt, vt, causal=True)
+    lowp = attention_ref(q, kt, vt, causal=True, upcast=False)
+    err, base = (out.float() - ref.float()).abs().max(), (lowp.float() - ref.float()).abs().max()
+    assert err <= 2 * base + 1e-3, (err, base)
+    assert torch.equal(k, k0) and torch.equal(v, v0)  # nothing appended, nothing written
