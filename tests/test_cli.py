@@ -45,3 +45,10 @@ def test_bench_writes_csv_and_plots(tmp_path, capsys):
 def test_bench_rejects_bad_heads(capsys):
     assert main(["bench", "--heads", "6", "--kv-heads", "4", "--seqlens", "16", "--out", "/tmp/x"]) == 2
     assert "--heads (6) must be a multiple of --kv-heads (4)" in capsys.readouterr().err
+
+
+def test_demo_through_the_cli_agrees_with_sdpa(capsys):
+    pytest.importorskip("transformers")
+    assert main(["demo"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens identical : yes" in text
