@@ -110,3 +110,16 @@ def test_negative_control_differs(results):
     # without context parallelism each shard only sees its own tokens: logits must move
     for r in results:
         assert r["negative"] > 100 * TOL, r
+
+
+def test_padding_or_cache_under_context_parallelism_is_refused():
+    from qwen3vl_flash.integrations.transformers import attend
+
+    q = torch.randn(1, 4, 6, 8)
+    k = v = torch.randn(1, 2, 6, 8)
+    pad = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    pad[..., 0] = False  # a padded key
+    with pytest.raises(ValueError, match="context parallelism"):
+        attend(q, k, v, mask=pad, causal=True, cp_group=object())
+    with pytest.raises(ValueError, match="KV cache"):
+        attend(q[:, :, :1], k, v, mask=None, causal=True, cp_group=object())

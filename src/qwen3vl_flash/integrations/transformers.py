@@ -231,8 +231,17 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
     scale = float(scale) if scale is not None else D ** -0.5
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, S, H, D) views
     plan = _Plan("dense") if mask is None else _plan_for(mask, causal, Sk)
+    if cp_group is not None and (plan.kind != "dense" or Sq != Sk):
+        # each rank holds a shard: a padded batch or a KV cache would silently attend to the
+        # local shard only, so refuse instead of returning wrong attention
+        raise ValueError(
+            "context parallelism (qf.enable(model, context_parallel=group)) serves unpadded self-attention "
+            f"over sharded sequences only; this call has {'a padding/custom mask' if plan.kind != 'dense' else 'a KV cache'} "
+            f"(q_len={Sq}, kv_len={Sk}). Run it without padding and with use_cache=False, or call "
+            "qf.enable(model, context_parallel=None) first"
+        )
     if plan.kind == "dense":
-        if cp_group is not None and Sq == Sk:
+        if cp_group is not None:
             from ..parallel import context_parallel_attn
 
             out = context_parallel_attn(qt, kt, vt, causal=causal, group=cp_group, softmax_scale=scale)
