@@ -379,6 +379,7 @@ def flash_attn_with_kvcache(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     block_table: Optional[torch.Tensor] = None,
+    check_values: bool = True,
 ):
     """Attention of new queries against a KV cache, appending new keys/values in place.
 
@@ -393,6 +394,10 @@ def flash_attn_with_kvcache(
         block_table: optional int32 (B, max_pages) for a paged cache (vLLM / flash-attn layout):
             the caches are then (num_pages, page_size, Hkv, D) and row b's token t lives in page
             block_table[b, t // page_size] at offset t % page_size; Smax = max_pages * page_size.
+        check_values: read cache_seqlens (and block_table) on the host to refuse overflows and bad
+            pages before anything is written: one device sync per call. Pass False in decode
+            loops whose lengths are known to be valid (the kernels still clamp on the device and
+            never write outside a cache row); also skipped during CUDA-graph capture.
 
     Returns:
         out (B, Sq, H, D) [, lse (B, H, Sq)]. Not differentiable (inference path).
@@ -452,7 +457,7 @@ def flash_attn_with_kvcache(
         raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
-    if not lengths_known and _checks_values(cache_seqlens):
+    if check_values and not lengths_known and _checks_values(cache_seqlens):
         lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync for both
         if lo < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
