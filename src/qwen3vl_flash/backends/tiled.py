@@ -19,7 +19,6 @@ accurate when the logits are large.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -200,7 +199,7 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
     lse_lo = None
     if lse_rows.dtype != acc_t:
         lse_lo = torch.where(torch.isinf(lse_rows), 0.0, lse_rows - lse_hi.to(lse_rows.dtype)).to(acc_t)
-    kh, vh, kT = _kv_heads_first(k), _kv_heads_first(v), _kv_transposed(k)
+    kh, kT = _kv_heads_first(k), _kv_transposed(k)
     vT = _kv_transposed(v)
     BH, R = qf.shape[0], qf.shape[1]
     dq = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
