@@ -15,7 +15,7 @@ Varlen runs one call per segment (what transformers does).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

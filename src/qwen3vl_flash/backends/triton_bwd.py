@@ -28,7 +28,6 @@ from .triton_fwd import (
     DEBUG_POISON,
     INTERPRET_CONFIG,
     LOG2E,
-    _aligned8,
     _autotune,
     _block_ranges,
     _contig_last,
