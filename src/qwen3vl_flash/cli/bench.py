@@ -36,7 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--no-causal", action="store_true", help="non-causal attention (default: causal)")
     p.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
-    p.add_argument("--backends", default=None, help="comma list (default: every backend that can run, plus auto)")
+    p.add_argument("--backends", default=None, help="comma list (default: every backend that can run, plus auto; "
+                   "on GPUs also torch-flash, torch-cudnn, torch-efficient: PyTorch SDPA with that kernel forced)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and the PNG plots")
     p.add_argument("--no-plot", action="store_true")
@@ -64,9 +65,35 @@ class _PlainProgress:
         pass
 
 
-def _call(backend: str, q, k, v, causal: bool, mode: str):
+# PyTorch SDPA with one kernel forced, timed beside ours on GPUs (name -> SDPBackend member)
+TORCH_KERNELS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION", "torch-efficient": "EFFICIENT_ATTENTION"}
+
+
+def _torch_sdpa(kernel: str, q, k, v, causal: bool):
+    """PyTorch's SDPA called directly with one kernel; K/V repeated for GQA outside the timing
+    where the kernel lacks enable_gqa support, as the anchors were measured."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, TORCH_KERNELS[kernel])
+    g = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2)
+    kt = k.transpose(1, 2).repeat_interleave(g, 1).detach().requires_grad_(k.requires_grad)
+    vt = v.transpose(1, 2).repeat_interleave(g, 1).detach().requires_grad_(v.requires_grad)
+
     def fwd():
-        return qf.flash_attn_func(q, k, v, causal=causal, backend=backend)
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    return fwd
+
+
+def _call(backend: str, q, k, v, causal: bool, mode: str):
+    if backend in TORCH_KERNELS:
+        fwd = _torch_sdpa(backend, q, k, v, causal)
+    else:
+
+        def fwd():
+            return qf.flash_attn_func(q, k, v, causal=causal, backend=backend)
 
     if mode == "fwd":
         return lambda: torch.no_grad()(fwd)()
@@ -89,6 +116,8 @@ def run(args) -> List[dict]:
     if args.heads % args.kv_heads:
         raise ValueError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     wanted = args.backends.split(",") if args.backends else qf.available_backends() + ["auto"]
+    if on_gpu and not args.backends:
+        wanted += list(TORCH_KERNELS)  # PyTorch's flash / cuDNN / efficient kernels, same run
     causal = not args.no_causal
     profile = qf.select_profile(qf.detect_hardware(device))
     hw_name = qf.detect_hardware(device).name
@@ -174,9 +203,9 @@ def _plot(rows: List[dict], out: str) -> List[str]:
 
 
 def print_table(rows: List[dict]) -> None:
-    print(f"\n{'backend':8s} {'dtype':9s} {'S':>6s} {'ms':>9s} {'GFLOP/s':>9s} {'peak MB':>9s}")
+    print(f"\n{'backend':15s} {'dtype':9s} {'S':>6s} {'ms':>9s} {'GFLOP/s':>9s} {'peak MB':>9s}")
     for r in rows:
-        print(f"{r['backend']:8s} {r['dtype']:9s} {r['seqlen']:6d} {r['ms']:9.2f} {r['gflops']:9.1f} {r['peak_extra_mb']:9.1f}")
+        print(f"{r['backend']:15s} {r['dtype']:9s} {r['seqlen']:6d} {r['ms']:9.2f} {r['gflops']:9.1f} {r['peak_extra_mb']:9.1f}")
 
 
 def main(args) -> int:
