@@ -106,14 +106,21 @@ def test_flash_attn_func_rejects(build, exc, pattern):
 
 
 def test_explicit_backend_without_lse_raises():
-    """Where a backend reports it cannot return the lse, asking it for one raises (not garbage)."""
+    """Where a backend reports it cannot return the lse (sdpa on CUDA), asking it for one raises
+    (not garbage). The dispatch decision is checked with a CUDA request, so it runs without a GPU."""
     from conftest import serves_lse
 
-    if serves_lse("sdpa"):
-        pytest.skip("sdpa returns the lse on this device")
-    q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend='sdpa'"):
-        qf.flash_attn_func(q, k, v, return_lse=True, backend="sdpa")
+    from qwen3vl_flash.backends.base import AttnRequest
+    from qwen3vl_flash.interface import choose_backend
+
+    req = AttnRequest(device_type="cuda", dtype=torch.bfloat16, head_dim=64, num_heads=4, num_kv_heads=2,
+                      seqlen_q=16, seqlen_k=16, need_lse=True, device_capability=(9, 0))
+    with pytest.raises(ValueError, match=r"backend='sdpa' cannot run this call: .*log-sum-exp"):
+        choose_backend(req, "sdpa", qf.PROFILES["sm90"])
+    if not serves_lse("sdpa"):  # on a device where sdpa has no lse, the public call refuses too
+        q, k, v = qkv()
+        with pytest.raises(ValueError, match=r"backend='sdpa'"):
+            qf.flash_attn_func(q, k, v, return_lse=True, backend="sdpa")
 
 
 def test_env_backend_that_cannot_serve_raises(monkeypatch):
