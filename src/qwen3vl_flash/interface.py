@@ -28,6 +28,8 @@ ENV_CHECK_VALUES = "QWEN3VL_FLASH_CHECK_VALUES"
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned: set = set()
+_KV_DISPATCH: dict = {}  # flash_attn_with_kvcache call shape -> fused decode backend or None
+_MISS = object()
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,16 +475,25 @@ def flash_attn_with_kvcache(
     profile = profile_for_device(q.device)
     p = AttnParams(scale, causal, window, profile=profile)
 
-    # resolve the backend before touching the cache, so a refusal leaves it untouched
-    req = _request(q, k_cache, p, return_lse, Sq, Smax)
-    candidates = choose_backend(req, backend, profile)
-    # a backend with a fused decode path (Triton split-KV: no host syncs, CUDA-graph capturable)
-    # appends and attends itself; auto prefers it to any backend without one
-    for be in candidates:
-        fused = getattr(be, "kvcache_attention", None)
-        if fused is not None and be.kvcache_check(q, k_cache, p) is None:
-            out, lse = fused(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
-            return (out, lse) if return_lse else out
+    # resolve the backend before touching the cache, so a refusal leaves it untouched. Decode
+    # loops repeat one call shape: the decision is cached per shape (host time is the decode
+    # bottleneck, see docs/perf/decode.md)
+    key = (q.device, q.dtype, tuple(q.shape), tuple(k_cache.shape), k_cache.stride(), backend,
+           os.environ.get(ENV_BACKEND), id(profile), causal, window, return_lse, block_table is None)
+    fused_be = _KV_DISPATCH.get(key, _MISS)
+    if fused_be is _MISS:
+        req = _request(q, k_cache, p, return_lse, Sq, Smax)
+        candidates = choose_backend(req, backend, profile)
+        # a backend with a fused decode path (Triton split-KV: no host syncs, CUDA-graph
+        # capturable) appends and attends itself; auto prefers it to any backend without one
+        fused_be = next((be for be in candidates if getattr(be, "kvcache_attention", None) is not None
+                         and be.kvcache_check(q, k_cache, p) is None), None)
+        if len(_KV_DISPATCH) > 256:
+            _KV_DISPATCH.clear()
+        _KV_DISPATCH[key] = fused_be
+    if fused_be is not None:
+        out, lse = fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
+        return (out, lse) if return_lse else out
     inner = backend  # the inner call re-dispatches (auto keeps its fall-through)
     if block_table is not None:
         return _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
