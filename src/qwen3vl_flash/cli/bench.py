@@ -191,7 +191,7 @@ def _plot(rows: List[dict], out: str) -> List[str]:
             ax.set_yscale("log")
             ax.set_xlabel("sequence length")
             ax.set_ylabel(label)
-            ax.set_title(f"{dt}, {rows[0]['mode']}, {rows[0]['device'][:40]}", fontsize=9)
+            ax.set_title(f"{dt}, {rows[0]['mode']}, {rows[0]['device'][:70]}", fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
