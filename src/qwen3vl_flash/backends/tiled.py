@@ -92,7 +92,7 @@ class _Tiling:
         i_lo, i_hi = r0 // self.g + self.off, (r1 - 1) // self.g + self.off
         bn = self.block_n
         for c0 in range(lo - lo % bn, hi, bn):
-            c1 = min(c0 + bn, self.Sk)
+            c1 = min(c0 + bn, hi)  # keys past hi are masked for every row: never computed
             full = (self.right < 0 or c1 - 1 <= i_lo + self.right) and (self.left < 0 or c0 >= i_hi - self.left)
             if full:
                 yield c0, c1, None, None
