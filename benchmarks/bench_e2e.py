@@ -177,14 +177,22 @@ def run(args) -> int:
     cases = ALL_CASES if args.cases == "all" else args.cases.split(",")
     meta = dict(config="tiny" if smoke else args.config, layers=cfg.text_config.num_hidden_layers,
                 vision_depth=cfg.vision_config.depth, dtype=args.dtype, **_versions(device))
+    t_start = time.perf_counter()
+
+    def progress(msg):  # a long run that gets killed still shows how far it got
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
     qf.register()
+    progress(f"building {meta['config']} ({meta['layers']} text layers, vision depth {meta['vision_depth']}) on {device}")
     model = tiny.build_model(cfg, "sdpa", dtype=dtype, seed=0, device=device)
+    progress("model built")
     rows = []
     scale = 1 / 64 if smoke else 1
     with AttentionTimer(device) as timer, torch.no_grad():
         for case in cases:
             results = {}
             for impl in ("sdpa", qf.ATTN_IMPLEMENTATION):
+                progress(f"{case}: {impl}")
                 if impl == "sdpa":
                     model.set_attn_implementation("sdpa") if hasattr(model, "set_attn_implementation") else None
                     for c in (model.config, model.config.text_config, model.config.vision_config):
