@@ -185,3 +185,39 @@ def test_backend_without_lse_serves_kvcache_and_cache_untouched_on_failure(monke
         raise
     ref, _, _, _ = _reference_per_batch(q, kc0, vc.clone(), kn, vn, [3, 5], True)
     assert (out - ref.float()).abs().max().item() < 1e-5
+
+
+def test_auto_falls_back_when_the_fused_decode_path_fails(monkeypatch, caplog):
+    """A fused decode backend that raises (e.g. a kernel that fails to compile) is skipped by auto
+    with one warning; the generic path then appends and attends correctly."""
+    import logging
+
+    import qwen3vl_flash.interface as I
+    from qwen3vl_flash.backends.base import get_backend
+
+    be = get_backend("sdpa")
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(type(be), "kvcache_attention", broken, raising=False)
+    monkeypatch.setattr(type(be), "kvcache_check", lambda self, q, kc, p: None, raising=False)
+    monkeypatch.setattr(I, "_KV_DISPATCH", {})
+    monkeypatch.setattr(I, "_warned", set())
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)
+    kn, vn = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([3, 7], dtype=torch.int32)
+    with caplog.at_level(logging.WARNING, logger="qwen3vl_flash"):
+        out = qf.flash_attn_with_kvcache(q, kc, vc, kn, vn, lens)
+        out2 = qf.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), None, None, lens + 1)
+    assert sum("decode path failed" in r.message for r in caplog.records) == 1
+    for b in range(2):
+        L = int(lens[b]) + 1
+        assert torch.equal(kc[b, L - 1], kn[b, 0])
+        ref = attention_ref(q[b : b + 1], kc[b : b + 1, :L], vc[b : b + 1, :L], causal=True)
+        assert (out[b : b + 1] - ref).abs().max() < 1e-5
+        assert (out2[b : b + 1] - ref).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="simulated"):
+        qf.flash_attn_with_kvcache(q, kc, vc, None, None, lens, backend="sdpa")

@@ -492,8 +492,18 @@ def flash_attn_with_kvcache(
             _KV_DISPATCH.clear()
         _KV_DISPATCH[key] = fused_be
     if fused_be is not None:
-        out, lse = fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
-        return (out, lse) if return_lse else out
+        try:
+            out, lse = fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
+            return (out, lse) if return_lse else out
+        except Exception as exc:  # e.g. a kernel that fails to compile: auto falls through, once-logged
+            if backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto":
+                raise
+            _KV_DISPATCH[key] = None
+            _warn_once(
+                (fused_be.name, "kvcache", type(exc).__name__),
+                f"qwen3vl_flash: the {fused_be.name!r} decode path failed ({type(exc).__name__}: {exc}); "
+                "falling back to the generic KV-cache path",
+            )
     inner = backend  # the inner call re-dispatches (auto keeps its fall-through)
     if block_table is not None:
         return _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
