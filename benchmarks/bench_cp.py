@@ -171,7 +171,7 @@ class Bench:
             return fn
         self._rank0_only(f"ours-1gpu{tag}", "1gpu", S, H, Hkv, factory, ("ours", S, H, Hkv))
 
-    def ours_cp(self, S, H, Hkv, mode, tag):
+    def ours_cp(self, S, H, Hkv, mode, tag, kernel="auto"):
         from qwen3vl_flash.parallel import context_parallel_attn
 
         def factory():
@@ -179,9 +179,56 @@ class Bench:
 
             def fn():
                 q.grad = k.grad = v.grad = None
-                context_parallel_attn(q, k, v, causal=True, mode=mode).backward(do)
+                context_parallel_attn(q, k, v, causal=True, mode=mode, backend=kernel).backward(do)
             return fn
-        self.record(f"ours-{mode}{tag}", mode, S, H, Hkv, factory, self.world, ("ours", S, H, Hkv))
+        name = f"ours-{mode}" + ("" if kernel == "auto" else f"-{kernel}") + tag
+        self.record(name, mode, S, H, Hkv, factory, self.world, ("ours", S, H, Hkv))
+
+    def check(self, S, H, Hkv, modes, kernels):
+        """Correctness before timing: every (mode, kernel) against fp32 attention on the full
+        sequence (same seed on every rank), beside the one-GPU bf16 call's own error."""
+        import qwen3vl_flash as qf
+        from qwen3vl_flash.parallel import context_parallel_attn, shard
+        from qwen3vl_flash.reference import attention_ref
+
+        a = self.args
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        full = [torch.randn(a.batch, S, h, a.head_dim, generator=g).to(DEV, self.dtype) for h in (H, Hkv, Hkv, H)]
+        q, k, v, do = full
+
+        def grads(fn, *xs):
+            xs = [x.detach().clone().requires_grad_() for x in xs]
+            out = fn(*xs)
+            out.backward(do_of(out))
+            return [out.detach().float()] + [x.grad.float() for x in xs]
+
+        do_of = lambda out: do.to(out.dtype)  # noqa: E731
+        ref = grads(lambda q_, k_, v_: attention_ref(q_.float(), k_.float(), v_.float(), causal=True), q, k, v)
+        one = grads(lambda q_, k_, v_: qf.flash_attn_func(q_, k_, v_, causal=True), q, k, v)
+        names = ["out", "dq", "dk", "dv"]
+        base = [(x - r).abs().max().item() for x, r in zip(one, ref)]
+        log(f"check S={S} {H}/{Hkv}: one-GPU {a.dtype} error vs fp32: " +
+            " ".join(f"{n} {e:.2e}" for n, e in zip(names, base)))
+        sh = lambda x: shard(x, 1, layout="zigzag")  # noqa: E731
+        ref_sh = [sh(x) for x in ref]
+        for mode in modes:
+            for kernel in kernels:
+                do_of = lambda out: sh(do).to(out.dtype)  # noqa: E731
+                try:
+                    got = grads(lambda q_, k_, v_: context_parallel_attn(q_, k_, v_, causal=True, mode=mode,
+                                                                         backend=kernel), sh(q), sh(k), sh(v))
+                    errs = [(x - r).abs().max() for x, r in zip(got, ref_sh)]
+                    errs = torch.stack(errs)
+                    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+                    errs = errs.tolist()
+                    ok = all(e <= 3 * b + 1e-3 for e, b in zip(errs, base))
+                    status = "ok" if ok else "FAILED (> 3x the one-GPU error)"
+                except Exception as e:  # a kernel that cannot serve this mode
+                    errs, status = [float("nan")] * 4, f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                log(f"  {mode:<9} {kernel:<7} " + " ".join(f"{n} {e:.2e}" for n, e in zip(names, errs)) + f"  {status}")
+                self.rows.append(dict(provider=f"check-{mode}-{kernel}", mode=mode, world=self.world, B=a.batch,
+                                      seqlen=S, H=H, Hkv=Hkv, D=a.head_dim, dtype=a.dtype, causal=True,
+                                      status=status + " errs " + ",".join(f"{e:.2e}" for e in errs), **self.meta))
 
     def torch_1gpu(self, S, H, kernel):
         import torch.nn.functional as F
@@ -314,7 +361,10 @@ def parse(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a gloo smoke run of this script (tiny --seqlens), not a measurement")
     p.add_argument("--modes", default="ring,ulysses,allgather", help="comma list; hybrid needs >= 4 GPUs")
-    p.add_argument("--backend", default="auto", help="one-GPU kernel for ours-1gpu (auto = triton on CUDA)")
+    p.add_argument("--backend", default="auto", help="one-GPU kernel for ours-1gpu (auto: cuDNN via sdpa on H100)")
+    p.add_argument("--kernels", default="auto,triton",
+                   help="per-block kernels for the context-parallel rows (auto = cudnn on CUDA, then triton)")
+    p.add_argument("--check-len", type=int, default=8192, help="sequence length of the correctness check (0: skip)")
     p.add_argument("--no-mha", action="store_true", help="skip the 32/32-head comparison with PyTorch")
     p.add_argument("--no-torch-cp", action="store_true", help="skip PyTorch's context_parallel rows")
     p.add_argument("--torch-kernels", default="cudnn,flash")
@@ -347,16 +397,21 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     H, Hkv = args.heads, args.kv_heads
     log(f"{b.world} x {b.meta['gpu']}, torch {b.meta['torch']}, triton {b.meta['triton']}, nccl {b.meta['nccl']}")
+    kernels = [x for x in args.kernels.split(",") if x]
+    if args.check_len:
+        b.check(args.check_len, H, Hkv, modes, kernels)
     for S in map(int, args.seqlens.split(",")):
         log(f"S = {S}: GQA {H}/{Hkv}, head_dim {args.head_dim}, {args.dtype}, causal, fwd+bwd")
         b.ours_1gpu(S, H, Hkv, "")
         for m in modes:
-            b.ours_cp(S, H, Hkv, m, "")
+            for kern in kernels:
+                b.ours_cp(S, H, Hkv, m, "", kern)
         if not args.no_mha and Hkv != H:
             log(f"S = {S}: MHA {H}/{H} beside PyTorch")
             b.ours_1gpu(S, H, H, "-mha")
             for m in ("ring", "ulysses"):
-                b.ours_cp(S, H, H, m, "-mha")
+                for kern in kernels:
+                    b.ours_cp(S, H, H, m, "-mha", kern)
             for kern in args.torch_kernels.split(","):
                 b.torch_1gpu(S, H, kern)
                 if not args.no_torch_cp:

@@ -273,3 +273,37 @@ def test_kvcache_explicit_backend_that_cannot_serve_leaves_cache():
 def test_kvcache_valid_control():
     args = _cache_args()
     assert qf.flash_attn_with_kvcache(**args).shape == (2, 1, 4, 16)
+
+
+def test_host_values_cached_per_tensor_and_invalidated_by_writes():
+    from qwen3vl_flash.interface import _HOST_VALUES, host_values
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    assert host_values(cu) == [0, 3, 7]
+    assert _HOST_VALUES[id(cu)][2] == [0, 3, 7]
+    cu[2] = 9  # in place: the version counter moves, the values are read again
+    assert host_values(cu) == [0, 3, 9]
+    other = torch.tensor([0, 5], dtype=torch.int32)
+    assert host_values(other) == [0, 5]
+    key = id(cu)
+    del cu  # the weak reference dies with the tensor: a new tensor at the same id is not mistaken
+    ref = _HOST_VALUES.get(key)
+    assert ref is None or ref[0]() is None
+
+
+def test_varlen_reads_cu_seqlens_once_per_tensor(monkeypatch):
+    import qwen3vl_flash.interface as itf
+
+    calls = []
+    real = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(self.numel())
+        return real(self)
+
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    for _ in range(3):  # three "layers" with the same cu_seqlens tensor
+        itf.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, backend="tiled")
+    assert calls.count(3) == 1

@@ -250,3 +250,48 @@ def test_masked_tail_on_unaligned_rows_pads():
     assert effective_split(72, "split", k_aligned) == (64, 16)
     assert effective_split(72, "split", k_one_head) == (128, 0)
     assert effective_split(80, "split", k_one_head) == (64, 16)  # unmasked tail stays split
+
+
+# (B, Sq, Sk, H, Hkv, D, causal, window, dtype, scale)
+TMA_CASES = [
+    pytest.param(2, 70, 70, 4, 2, 32, True, (-1, -1), torch.bfloat16, None, id="causal-gqa2-bf16-B2-tail"),
+    pytest.param(1, 33, 97, 4, 1, 64, True, (-1, -1), torch.float16, None, id="causal-sq<sk-mqa"),
+    pytest.param(1, 80, 48, 2, 1, 32, True, (-1, -1), torch.float16, None, id="causal-sq>sk-empty-rows"),
+    pytest.param(2, 40, 50, 2, 2, 32, False, (10, 3), torch.bfloat16, None, id="window-10-3"),
+    pytest.param(1, 64, 64, 2, 1, 32, False, (-1, -1), torch.float16, -0.2, id="negative-scale"),
+]
+
+
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D,causal,window,dtype,scale", TMA_CASES)
+def test_forward_tma_descriptors_match_reference(B, Sq, Sk, H, Hkv, D, causal, window, dtype, scale):
+    """The tensor-descriptor (TMA) loads used on Hopper, forced on in the interpreter: zero-filled
+    tails past each batch's end, GQA heads addressed as columns h_kv * D, the FMA softmax path."""
+    from qwen3vl_flash.backends.triton_fwd import attention_forward, tma_possible
+
+    q = _fresh((B, Sq, H, D), dtype, 11)
+    k = _fresh((B, Sk, Hkv, D), dtype, 12)
+    v = _fresh((B, Sk, Hkv, D), dtype, 13)
+    sc = scale if scale is not None else D ** -0.5
+    assert tma_possible(q, k, v, False, D, 0)
+    kw = dict(softmax_scale=sc, causal=causal, window_size=window)
+    ref, rlse = attention_ref(q, k, v, return_lse=True, **kw)
+    low = attention_ref(q, k, v, upcast=False, **kw)
+    out, lse = attention_forward(q, k, v, sc, causal=causal, window_size=window, use_tma=True)
+    seen = ~torch.isneginf(rlse)
+    out = torch.where(seen.transpose(1, 2)[..., None], out, torch.zeros_like(out))  # rows with no key: 0
+    _assert_close("out", out, ref, low, 2, ATOL[dtype])
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+    assert (lse[seen] - rlse[seen]).abs().max().item() <= 1e-3
+
+
+def test_tma_only_where_the_copy_engine_can_serve():
+    from qwen3vl_flash.backends.triton_fwd import tma_possible
+
+    q = torch.zeros(1, 16, 4, 64, dtype=torch.float16)
+    k = torch.zeros(1, 16, 2, 64, dtype=torch.float16)
+    assert tma_possible(q, k, k, False, 64, 0)
+    assert not tma_possible(q, k, k, True, 64, 0)  # varlen
+    k72 = torch.zeros(1, 16, 2, 72, dtype=torch.float16)
+    assert not tma_possible(q, k72, k72, False, 64, 16)  # split head dim
+    kt = torch.zeros(1, 2, 16, 64, dtype=torch.float16).transpose(1, 2)  # heads-major storage
+    assert not tma_possible(q, kt, kt, False, 64, 0)

@@ -15,6 +15,7 @@ import torch
 
 from .backends.base import AttnParams, AttnRequest, Backend, get_backend
 from .hardware.profiles import TileProfile, profile_for_device
+from ._host import _HOST_VALUES, host_values  # noqa: F401  (re-exported)
 from .reference import lse_dtype
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "choose_backend"]
@@ -115,7 +116,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, 
         raise ValueError(f"{max_name} must be >= 0, got {max_seqlen}")
     if not _checks_values(cu):
         return None
-    vals = cu.tolist()
+    vals = host_values(cu)
     if vals[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
     lens = [b - a for a, b in zip(vals, vals[1:])]

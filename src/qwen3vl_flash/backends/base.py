@@ -125,4 +125,4 @@ def _ensure_loaded() -> None:
     _LOADED = True
 
 
-BACKEND_MODULES = ("eager", "sdpa", "tiled", "triton_backend")
+BACKEND_MODULES = ("eager", "sdpa", "tiled", "triton_backend", "cudnn")

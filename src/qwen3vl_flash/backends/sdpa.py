@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._host import host_values
 from ..reference import lse_dtype, visibility_mask
 from .base import AttnParams, Backend, register_backend
 
@@ -132,7 +133,7 @@ class SdpaBackend(Backend):
     def attention(self, q, k, v, p: AttnParams):
         if not p.varlen:
             return _dense(q, k, v, p)
-        cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
+        cq, ck = host_values(p.cu_seqlens_q), host_values(p.cu_seqlens_k)
         outs, lses = [], []
         H = q.shape[1]
         for b in range(len(cq) - 1):

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._host import host_values
 from ..reference import lse_dtype
 from .base import AttnParams, AttnRequest, Backend, register_backend
 
@@ -238,7 +239,7 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
 
 
 def _segments(p: AttnParams):
-    cq, ck = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
+    cq, ck = host_values(p.cu_seqlens_q), host_values(p.cu_seqlens_k)
     for b in range(len(cq) - 1):
         yield cq[b], cq[b + 1], ck[b], ck[b + 1]
 

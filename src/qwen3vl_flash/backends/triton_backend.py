@@ -59,10 +59,17 @@ def _pow2_key(head_dim: int) -> str:
     return f"d{1 << max(4, (head_dim - 1).bit_length())}"
 
 
-def _config_list(profile, kind: str, head_dim: int) -> List[int]:
-    """[BLOCK_M, BLOCK_N, num_warps, num_stages] from the profile, or -1s (= autotune)."""
+def _config_list(profile, kind: str, head_dim: int, seqlen: int = 0) -> List[int]:
+    """[BLOCK_M, BLOCK_N, num_warps, num_stages] from the profile, or -1s (= autotune).
+
+    Lookup order: ``{kind}_long_hd{head_dim}`` when ``seqlen >= long_from`` (a tile measured
+    better for long sequences at exactly that head dim), ``{kind}_d{pow2}``, ``{kind}``."""
     tri = getattr(profile, "triton", None) or {}
-    cfg = tri.get(f"{kind}_{_pow2_key(head_dim)}") or tri.get(kind)
+    cfg = None
+    long_from = tri.get("long_from")
+    if long_from and seqlen >= int(long_from):
+        cfg = tri.get(f"{kind}_long_hd{head_dim}")
+    cfg = cfg or tri.get(f"{kind}_{_pow2_key(head_dim)}") or tri.get(kind)
     if not cfg:
         return list(_NO_CONFIG)
     return [int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"]), int(cfg.get("num_warps", 4)), int(cfg.get("num_stages", 2))]
@@ -199,7 +206,8 @@ class TritonBackend(Backend):
         )
 
     def forward(self, q, k, v, p: AttnParams):
-        cfg = _config_list(p.profile, "fwd", q.shape[-1])
+        seqlen = max(p.max_seqlen_q, p.max_seqlen_k) if p.varlen else max(q.shape[1], k.shape[1])
+        cfg = _config_list(p.profile, "fwd", q.shape[-1], seqlen)
         return triton_fwd_op(q, k, v, *self._common(q, p), cfg, _head_split(p.profile))
 
     def backward(self, dout, q, k, v, out, lse, p: AttnParams):

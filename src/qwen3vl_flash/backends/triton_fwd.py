@@ -115,8 +115,10 @@ def _fwd_inner(
     k_base, v_base, stride_ks, stride_vs,
     lo, hi,
     offs_m, seqlen_k, off, window_left, window_right, qk_scale,
+    kd, vd, b, h_kv,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr, POS_SCALE: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
@@ -127,33 +129,46 @@ def _fwd_inner(
         cols = start_n + offs_n
         n_ok = cols < seqlen_k
         # -- s = q k^T, over the main part of D and the tail
-        k0 = _load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
-                     n_ok[None, :], d0_ok[:, None], MASK, BLOCK_D0 > HEAD_DIM)
+        if TMA:  # whole (N, D) tile by the copy engine, zero past this sequence's end
+            k0 = tl.trans(kd.load([b, start_n, h_kv * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D0))
+        else:
+            k0 = _load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
+                         n_ok[None, :], d0_ok[:, None], MASK, BLOCK_D0 > HEAD_DIM)
         s = _dot(q0, k0, None, DOT_PREC)
         if BLOCK_D1 > 0:
             k1 = _load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
                          n_ok[None, :], d1_ok[:, None], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
             s = _dot(q1, k1, s, DOT_PREC)
-        s = s * qk_scale  # log2 units
         if MASK:
+            s = s * qk_scale  # log2 units
             vis = n_ok[None, :]
             if HAS_RIGHT:
                 vis = vis & (cols[None, :] <= offs_m[:, None] + off + window_right)
             if HAS_LEFT:
                 vis = vis & (cols[None, :] >= offs_m[:, None] + off - window_left)
             s = tl.where(vis, s, float("-inf"))
-        # -- update m_i and l_i (a row that has seen no key keeps m = -inf: use 0 as its pivot)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASK:
+            # -- update m_i and l_i (a row that has seen no key keeps m = -inf: use 0 as its pivot)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
+            p = tl.math.exp2(s - m_pivot[:, None])
+        elif POS_SCALE:
+            # unmasked tile: max on the raw scores (scale > 0), then scale and shift in one FMA
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_pivot = m_new
-        p = tl.math.exp2(s - m_pivot[:, None])
+            p = tl.math.exp2(s * qk_scale - m_pivot[:, None])
+        else:
+            s = s * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_pivot = m_new
+            p = tl.math.exp2(s - m_pivot[:, None])
         alpha = tl.math.exp2(m_i - m_pivot)
         l_i = l_i * alpha + tl.sum(p, 1)
         # -- acc = acc * alpha + p v
-        v0 = _load2d(v_base + cols[:, None] * stride_vs + offs_d0[None, :],  # (N, D0)
-                     n_ok[:, None], d0_ok[None, :], MASK, BLOCK_D0 > HEAD_DIM)
+        if TMA:
+            v0 = vd.load([b, start_n, h_kv * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D0)
+        else:
+            v0 = _load2d(v_base + cols[:, None] * stride_vs + offs_d0[None, :],  # (N, D0)
+                         n_ok[:, None], d0_ok[None, :], MASK, BLOCK_D0 > HEAD_DIM)
         p_lo = p.to(v0.dtype)
         acc0 = _dot(p_lo, v0, acc0 * alpha[:, None], DOT_PREC)
         if BLOCK_D1 > 0:
@@ -196,7 +211,7 @@ def _block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, CuSeqQ, CuSeqK,
+    Q, K, V, Out, Lse, CuSeqQ, CuSeqK, kd, vd,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -207,7 +222,8 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    REVERSE_M: tl.constexpr, ALIGN8: tl.constexpr, DOT_PREC: tl.constexpr,
+    REVERSE_M: tl.constexpr, ALIGN8: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+    POS_SCALE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D0 >= 16)
     pid_m = tl.program_id(0)
@@ -264,14 +280,14 @@ def _fwd_kernel(
                                              BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     off = seqlen_k - seqlen_q
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_ks, stride_vs,
-                                      lo, full_lo, offs_m, seqlen_k, off, window_left, window_right, qk_scale,
-                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+                                      lo, full_lo, offs_m, seqlen_k, off, window_left, window_right, qk_scale, kd, vd, b, h_kv,
+                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, TMA, POS_SCALE)
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_ks, stride_vs,
-                                      full_lo, full_hi, offs_m, seqlen_k, off, window_left, window_right, qk_scale,
-                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+                                      full_lo, full_hi, offs_m, seqlen_k, off, window_left, window_right, qk_scale, kd, vd, b, h_kv,
+                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, TMA, POS_SCALE)
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_ks, stride_vs,
-                                      full_hi, hi, offs_m, seqlen_k, off, window_left, window_right, qk_scale,
-                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+                                      full_hi, hi, offs_m, seqlen_k, off, window_left, window_right, qk_scale, kd, vd, b, h_kv,
+                                      HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, TMA, POS_SCALE)
 
     # -- epilogue: out = acc / l; a row that saw no key gives 0 and lse = -inf
     seen = l_i > 0.0
@@ -364,8 +380,13 @@ def attention_forward(
     config: Optional[dict] = None,
     head_split: str = "split",
     reverse_m: Optional[bool] = None,
+    use_tma: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns (out like q, lse float32: (B, H, Sq) or (H, Tq)).
+
+    use_tma: load K/V tiles through tensor descriptors (the TMA copy engine). None = where it
+    can (dense, power-of-two head_dim, Hopper or newer; measured +3-7% on H100 at 4k-32k);
+    True forces it where it is possible at all (also in the interpreter, for tests).
 
     config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None autotunes over
     :data:`AUTOTUNE_FWD` once per (head_dim, dtype, mask kind, length bucket) on GPU, or uses
@@ -394,15 +415,18 @@ def attention_forward(
     if reverse_m is None:  # measured on H100 (S=16k causal): natural order 469 vs reversed 447 TF/s
         reverse_m = False
     dummy = cu_seqlens_q if varlen else q  # never read when VARLEN is False
+    tma = tma_possible(q, k, v, varlen, d0, d1) and (use_tma if use_tma is not None else tma_default(q))
     statics = dict(
         HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         REVERSE_M=bool(reverse_m), ALIGN8=_aligned8(q, k, v, out), DOT_PREC=dot_precision(q.dtype),
+        TMA=tma, POS_SCALE=softmax_scale > 0,
     )
 
     def launch(cfg):
         grid = (triton.cdiv(max(Sq, 1), cfg["BLOCK_M"]), B * H)
+        kd, vd = kv_descriptors(k, v, cfg["BLOCK_N"], D) if tma else (dummy, dummy)
         _fwd_kernel[grid](
-            q, k, v, out, lse, dummy, cu_seqlens_k if varlen else dummy,
+            q, k, v, out, lse, dummy, cu_seqlens_k if varlen else dummy, kd, vd,
             *sq, *sk, *sv, *so, *sl,
             Sq, Sk, H, H // Hkv,
             float(softmax_scale) * LOG2E, left, right,
@@ -412,10 +436,47 @@ def attention_forward(
         )
 
     if config is None:
-        config = _autotune(launch, ("fwd", D, head_split, q.dtype, varlen, left >= 0, right >= 0,
+        config = _autotune(launch, ("fwd", D, head_split, q.dtype, varlen, left >= 0, right >= 0, tma,
                                     next_pow2(max(Sq, Sk)), q.device.index), AUTOTUNE_FWD)
     launch(config)
     return out, lse
+
+
+def tma_default(q: torch.Tensor) -> bool:
+    """Tensor descriptors by default on Hopper and newer GPUs (sm90+), not in the interpreter."""
+    if interpreting() or not q.is_cuda:
+        return False
+    return torch.cuda.get_device_capability(q.device) >= (9, 0)
+
+
+def tma_possible(q, k, v, varlen: bool, d0: int, d1: int) -> bool:
+    """Dense call, head_dim a power of two (one tile over D), K/V rows of Hkv*D contiguous
+    elements per token and 16-byte aligned strides and base addresses (TMA's rules)."""
+    if varlen or d1 or d0 != k.shape[-1] or k.dim() != 4:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (triton >= 3.4)
+    except ImportError:
+        return False
+    es = k.element_size()
+    for t in (k, v):
+        if t.stride(3) != 1 or t.stride(2) != d0:
+            return False
+        if (t.stride(1) * es) % 16 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def kv_descriptors(k, v, block_n: int, head_dim: int):
+    """Host tensor descriptors over K and V viewed as (B, S, Hkv * D): a (1, block_n, D) box
+    at [b, start, h_kv * D] is one head's tile; rows past S are zero-filled by the hardware."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = []
+    for t in (k, v):
+        B, S, Hkv, D = t.shape
+        out.append(TensorDescriptor(t, [B, S, Hkv * D], [t.stride(0), t.stride(1), 1], [1, block_n, head_dim]))
+    return out
 
 
 def _autotune(launch, key, candidates):

@@ -106,6 +106,10 @@ PROFILES: Dict[str, TileProfile] = {
             triton={
                 # measured on H100 (docs/perf/gpu_kernels.md): causal hd128 S=4k sweep of 6 fwd / 6 bwd tiles
                 "fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                # 2026-11-25 run 2 (benchmarks/exp_fwd_variants.py, TMA + FMA kernel): hd128 causal
+                # 64x64 w4 s3 437 TF/s at 4k, 128x128 w8 s3 501 / 515 at 16k / 32k
+                "long_from": 8192,
+                "fwd_long_hd128": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
                 "fwd_d256": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
                 "bwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
                 "bwd_d256": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},

@@ -45,7 +45,7 @@ import torch
 
 from .. import ATTN_IMPLEMENTATION
 from .._optional import require
-from ..interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from ..interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, host_values
 
 __all__ = ["register", "enable", "attention_forward", "attention_mask", "attend", "is_registered"]
 
@@ -428,8 +428,9 @@ def _wrap_vision_forward(cls) -> None:
         q, k, v = self.qkv(hidden_states).reshape(S, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
         q, k = rotary(q, k, cos, sin)  # the installed version's own 2D rotary, (S, H, D)
-        cu = cu_seqlens.to(torch.int32)
-        max_len = int((cu[1:] - cu[:-1]).max())
+        cu = cu_seqlens.to(torch.int32)  # already int32 in Qwen3-VL: the same object in every layer
+        vals = host_values(cu)  # one device read per forward, not one per layer (see host_values)
+        max_len = max(b - a for a, b in zip(vals, vals[1:]))
         fn = interfaces[ATTN_IMPLEMENTATION]  # looked up per call, so wrappers/counters see it
         out, _ = fn(
             self,

@@ -62,24 +62,29 @@ def choose_mode(num_heads: int, num_kv_heads: int, group=None) -> str:
     return "hybrid" if d > 1 else "ring"
 
 
-def choose_kernel(q: torch.Tensor, num_kv_heads: int, causal: bool, backend: Union[str, Backend] = "auto") -> Backend:
-    """The FA2-style backend (forward + backward + lse) run on each block: ``triton`` on CUDA
-    when it can serve the call, else ``tiled``; or the one named."""
+def choose_kernel(q: torch.Tensor, num_kv_heads: int, causal: bool, backend: Union[str, Backend] = "auto",
+                  square: bool = True) -> Backend:
+    """The FA2-style backend (forward + backward + lse) run on each block. ``auto``: on CUDA
+    ``cudnn`` (cuDNN's fused kernels with lse: the fastest forward+backward we measured on H100),
+    then ``triton`` (our kernels), then ``tiled``; on CPU ``tiled``. Or the one named.
+    ``square=False``: the blocks are causal with Sq != Sk (the all-gather mode), which rules out
+    kernels whose causal mask is top-left aligned (``cudnn``)."""
     if isinstance(backend, Backend):
         return backend
     req = AttnRequest(
         device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[-2],
-        num_kv_heads=num_kv_heads, seqlen_q=q.shape[1], seqlen_k=q.shape[1], causal=causal,
+        num_kv_heads=num_kv_heads, seqlen_q=q.shape[1], seqlen_k=q.shape[1] * (1 if square else 2), causal=causal,
         need_lse=True, need_grad=torch.is_grad_enabled() and q.requires_grad,
+        device_capability=torch.cuda.get_device_capability(q.device) if q.is_cuda else None,
     )
-    names = ((["triton"] if q.is_cuda else []) + ["tiled"]) if backend == "auto" else [backend]
+    names = ((["cudnn", "triton"] if q.is_cuda else []) + ["tiled"]) if backend == "auto" else [backend]
     reasons = []
     for name in names:
         be = get_backend(name)
         if be.native_autograd:
             raise ValueError(
                 f"backend={name!r} cannot run context parallelism: it needs a backend with forward/backward "
-                "and lse ('tiled' or 'triton')"
+                "and lse ('tiled', 'triton' or 'cudnn')"
             )
         reason = be.check(req)
         if reason is None:
@@ -163,7 +168,7 @@ def context_parallel_attn(
     Hkv = k.shape[2]
     if mode == "auto":
         mode = choose_mode(H, Hkv, topo)
-    be = choose_kernel(q, Hkv, causal, backend)
+    be = choose_kernel(q, Hkv, causal, backend, square=mode != "allgather")
     if mode in ("ring", "ulysses", "allgather") and (topo.two_dim or topo.flat_group is None):
         raise ValueError(f"mode={mode!r} needs one flat process group; a 2-D group runs mode='hybrid'")
     if mode == "ring":

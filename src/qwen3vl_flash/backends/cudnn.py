@@ -1,0 +1,127 @@
+"""``cudnn``: NVIDIA cuDNN's fused attention as an FA2-style backend (forward + backward + lse).
+
+PyTorch ships cuDNN's SDPA kernels as ``aten::_scaled_dot_product_cudnn_attention`` and its
+backward. ``sdpa`` already reaches them through ``F.scaled_dot_product_attention`` for single
+calls; this backend exposes the *pair* with the lse, which is what context parallelism needs
+(each ring step runs a forward with lse, and the backward runs with the global out and lse).
+On an H100 cuDNN's forward+backward was the fastest kernel we measured (docs/performance.md),
+so :func:`qwen3vl_flash.parallel.context_parallel_attn` uses it by default on Hopper GPUs.
+
+Limits (``check`` says which one applies): CUDA, fp16/bf16, compute capability >= 8.0,
+head_dim a multiple of 8 up to 128 (sm80) / 256 (sm90), no sliding window, no varlen, and causal
+only when Sq == Sk (cuDNN's causal mask is top-left aligned; ours is bottom-right, the two agree
+only on square blocks, which is what the ring computes). GQA: K/V are repeated across the group
+for the call (cuDNN's entry point has no GQA) and dK/dV are summed back over the group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import AttnParams, AttnRequest, Backend, register_backend
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _op_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention") and hasattr(
+        torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward"
+    )
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) -> a (B, H, S, D) view, the layout SDPA normally receives."""
+    return x.transpose(1, 2)
+
+
+def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x if group == 1 else x.repeat_interleave(group, dim=2)
+
+
+def _sum_group(dx: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, S, H, D) gradient of repeated K/V -> (B, S, H // group, D)."""
+    if group == 1:
+        return dx
+    B, S, H, D = dx.shape
+    return dx.reshape(B, S, H // group, group, D).sum(3, dtype=torch.float32).to(dx.dtype)
+
+
+def cudnn_forward_op(q, k, v, causal: bool, scale: float):
+    """(out (B,H,Sq,D), lse (B,H,Sq,1) float32) from cuDNN; inputs (B,H,S,D) views."""
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal, False, scale=scale
+    )
+    return res[0], res[1]
+
+
+def cudnn_backward_op(dout, q, k, v, out, lse4, causal: bool, scale: float):
+    """(dq, dk, dv) as (B,H,S,D) from cuDNN's backward; ``lse4`` (B,H,Sq,1) float32."""
+    seed = torch.zeros((), dtype=torch.long, device=q.device)
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse4, seed, offset, None, None, None, q.shape[2], k.shape[2], 0.0, causal,
+        scale=scale,
+    )
+    return res[0], res[1], res[2]
+
+
+class CudnnBackend(Backend):
+    name = "cudnn"
+    native_autograd = False
+
+    def check(self, req: AttnRequest) -> Optional[str]:
+        if req.device_type != "cuda":
+            return "needs a CUDA GPU"
+        if not _op_available():
+            return "this PyTorch build has no cuDNN attention op"
+        if req.dtype not in _DTYPES:
+            return f"supports float16/bfloat16, got {req.dtype}"
+        cap = req.device_capability
+        if cap is not None and cap < (8, 0):
+            return f"needs compute capability >= 8.0, got {cap[0]}.{cap[1]}"
+        max_d = 256 if cap is not None and cap >= (9, 0) else 128
+        if req.head_dim % 8 != 0 or req.head_dim > max_d:
+            return f"needs head_dim a multiple of 8 up to {max_d}, got {req.head_dim}"
+        if req.window:
+            return "no sliding window"
+        if req.varlen:
+            return "no varlen (cu_seqlens)"
+        if req.causal and req.seqlen_q != req.seqlen_k:
+            return "causal only for square blocks (Sq == Sk): cuDNN's mask is top-left aligned"
+        if req.num_heads % req.num_kv_heads != 0:
+            return "num_heads must be a multiple of num_kv_heads"
+        return None
+
+    @staticmethod
+    def _plain(p: AttnParams, Sq: int, Sk: int) -> None:
+        if p.varlen or p.has_window or (p.causal and Sq != Sk):
+            raise ValueError("backend 'cudnn' serves dense calls without window, causal only when Sq == Sk")
+
+    def forward(self, q, k, v, p: AttnParams):
+        self._plain(p, q.shape[1], k.shape[1])
+        group = q.shape[2] // k.shape[2]
+        out, lse4 = cudnn_forward_op(
+            _heads_first(q), _heads_first(_repeat_kv(k, group)), _heads_first(_repeat_kv(v, group)),
+            p.causal, p.softmax_scale,
+        )
+        out = out.transpose(1, 2)  # (B, Sq, H, D), a view
+        if not out.is_contiguous():
+            out = out.contiguous()
+        return out, lse4.reshape(lse4.shape[0], lse4.shape[1], lse4.shape[2]).float()
+
+    def backward(self, dout, q, k, v, out, lse, p: AttnParams):
+        self._plain(p, q.shape[1], k.shape[1])
+        group = q.shape[2] // k.shape[2]
+        kr, vr = _repeat_kv(k, group), _repeat_kv(v, group)
+        lse4 = lse.float().contiguous().unsqueeze(-1)
+        dq, dk, dv = cudnn_backward_op(
+            _heads_first(dout.contiguous()), _heads_first(q), _heads_first(kr), _heads_first(vr),
+            _heads_first(out.contiguous()), lse4, p.causal, p.softmax_scale,
+        )
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        return dq, _sum_group(dk, group), _sum_group(dv, group)
+
+
+register_backend(CudnnBackend())

@@ -1,0 +1,109 @@
+"""The ``cudnn`` backend's plumbing (layouts, GQA repeat / group sum, lse shapes, refusals).
+
+cuDNN itself needs an NVIDIA GPU; here its two aten ops are replaced by the same maths in plain
+PyTorch (top-left causal, like cuDNN), so what is tested is everything of ours around them. The
+real kernels are checked on the H100 by benchmarks/bench_cp.py (correctness rows before timing).
+"""
+
+import pytest
+import torch
+
+from qwen3vl_flash.reference import attention_ref
+from qwen3vl_flash.backends import cudnn as cudnn_mod
+from qwen3vl_flash.backends.base import AttnParams, AttnRequest, get_backend
+
+
+def _math(q, k, v, causal, scale):
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        Sq, Sk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(Sq, Sk, dtype=torch.bool).triu(1), float("-inf"))  # top-left
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1) @ v, lse
+
+
+def _fake_fwd(q, k, v, causal, scale):
+    assert q.dim() == 4 and q.shape[1] == k.shape[1], "cuDNN gets (B, H, S, D) with K/V repeated"
+    out, lse = _math(q, k, v, causal, scale)
+    return out, lse.unsqueeze(-1).float()
+
+
+def _fake_bwd(dout, q, k, v, out, lse4, causal, scale):
+    assert lse4.shape == q.shape[:3] + (1,) and lse4.dtype == torch.float32
+    with torch.enable_grad():
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        o, lse = _math(qq, kk, vv, causal, scale)
+        torch.testing.assert_close(lse4[..., 0], lse.float(), atol=1e-5, rtol=1e-5)
+        return torch.autograd.grad(o, (qq, kk, vv), dout)
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    monkeypatch.setattr(cudnn_mod, "cudnn_forward_op", _fake_fwd)
+    monkeypatch.setattr(cudnn_mod, "cudnn_backward_op", _fake_bwd)
+
+
+@pytest.mark.parametrize("H,Hkv,Sq,Sk,causal", [(4, 2, 64, 64, True), (4, 4, 33, 70, False), (6, 1, 48, 48, False)])
+def test_forward_backward_match_reference(fake_ops, H, Hkv, Sq, Sk, causal):
+    torch.manual_seed(H * 100 + Sq)
+    be = get_backend("cudnn")
+    q = torch.randn(2, Sq, H, 32)
+    k, v = torch.randn(2, Sk, Hkv, 32), torch.randn(2, Sk, Hkv, 32)
+    dout = torch.randn_like(q)
+    p = AttnParams(softmax_scale=32 ** -0.5, causal=causal)
+    out, lse = be.forward(q, k, v, p)
+    assert out.shape == q.shape and lse.shape == (2, H, Sq) and lse.dtype == torch.float32
+    dq, dk, dv = be.backward(dout, q, k, v, out, lse, p)
+    assert dk.shape == k.shape and dv.shape == v.shape and dq.shape == q.shape
+
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = attention_ref(qr, kr, vr, causal=causal, return_lse=True)
+    gq, gk, gv = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
+    for got, want in [(out, ref), (lse, ref_lse), (dq, gq), (dk, gk), (dv, gv)]:
+        torch.testing.assert_close(got.double(), want.detach(), atol=2e-5, rtol=2e-5)
+
+
+def _req(**kw):
+    base = dict(device_type="cuda", dtype=torch.bfloat16, head_dim=128, num_heads=32, num_kv_heads=8,
+                seqlen_q=1024, seqlen_k=1024, causal=True, need_lse=True, need_grad=True, device_capability=(9, 0))
+    base.update(kw)
+    return AttnRequest(**base)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(device_type="cpu"), "CUDA"),
+    (dict(dtype=torch.float32), "float16/bfloat16"),
+    (dict(device_capability=(6, 1)), "8.0"),
+    (dict(head_dim=72 + 4), "multiple of 8"),
+    (dict(head_dim=192, device_capability=(8, 0)), "up to 128"),
+    (dict(window=True), "window"),
+    (dict(varlen=True), "varlen"),
+    (dict(seqlen_k=2048), "square"),
+])
+def test_check_names_the_limit(kw, words):
+    reason = get_backend("cudnn").check(_req(**kw))
+    assert reason is not None and words in reason
+
+
+def test_check_accepts_the_ring_blocks():
+    be = get_backend("cudnn")
+    if not cudnn_mod._op_available():
+        pytest.skip("this PyTorch build lacks the cuDNN attention op")  # informational: every 2.x build has it
+    assert be.check(_req()) is None
+    assert be.check(_req(causal=False, seqlen_k=4096, head_dim=256)) is None  # sm90: head_dim 256
+
+
+def test_forward_refuses_non_square_causal(fake_ops):
+    be = get_backend("cudnn")
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 16, 2, 16)
+    with pytest.raises(ValueError, match="Sq == Sk"):
+        be.forward(q, k, k, AttnParams(softmax_scale=0.25, causal=True))
+
+
+def test_context_parallel_auto_prefers_cudnn_only_on_cuda():
+    from qwen3vl_flash.parallel import choose_kernel
+
+    q = torch.randn(1, 16, 4, 32)
+    assert choose_kernel(q, 2, True).name == "tiled"
+    with pytest.raises(ValueError, match="cudnn: needs a CUDA GPU"):
+        choose_kernel(q, 2, True, "cudnn")
