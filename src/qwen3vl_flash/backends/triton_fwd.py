@@ -30,6 +30,7 @@ not supported (the backend's ``check`` says so and ``auto`` falls to ``tiled``).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Dict, Optional, Tuple
@@ -318,6 +319,8 @@ AUTOTUNE_FWD = [
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 ]
 _TUNED: Dict[tuple, dict] = {}
+_TMA_FAILED: Dict[tuple, str] = {}  # tile configs whose TMA build failed -> the reason
+_log = logging.getLogger("qwen3vl_flash")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -422,9 +425,9 @@ def attention_forward(
         TMA=tma, POS_SCALE=softmax_scale > 0,
     )
 
-    def launch(cfg):
+    def launch_with(cfg, use):
         grid = (triton.cdiv(max(Sq, 1), cfg["BLOCK_M"]), B * H)
-        kd, vd = kv_descriptors(k, v, cfg["BLOCK_N"], D) if tma else (dummy, dummy)
+        kd, vd = kv_descriptors(k, v, cfg["BLOCK_N"], D) if use else (dummy, dummy)
         _fwd_kernel[grid](
             q, k, v, out, lse, dummy, cu_seqlens_k if varlen else dummy, kd, vd,
             *sq, *sk, *sv, *so, *sl,
@@ -432,8 +435,22 @@ def attention_forward(
             float(softmax_scale) * LOG2E, left, right,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
-            **statics,
+            **dict(statics, TMA=use),
         )
+
+    def launch(cfg):
+        """The TMA variant where possible; a config whose TMA build fails (ptxas crashed on some
+        tiles with triton 3.6 on H100) falls back to pointer loads, remembered per config."""
+        if tma:
+            fkey = (tuple(sorted(cfg.items())), D, q.dtype, varlen, left >= 0, right >= 0)
+            if fkey not in _TMA_FAILED:
+                try:
+                    return launch_with(cfg, True)
+                except Exception as exc:  # compilation / resource errors of this tile
+                    _TMA_FAILED[fkey] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                    _log.warning("qwen3vl_flash: Triton forward with TMA loads failed for %s (%s); "
+                                 "using pointer loads for it", cfg, _TMA_FAILED[fkey])
+        return launch_with(cfg, False)
 
     if config is None:
         config = _autotune(launch, ("fwd", D, head_split, q.dtype, varlen, left >= 0, right >= 0, tma,
