@@ -293,11 +293,15 @@ class Bench:
 
     # ---- longest sequence ----------------------------------------------------------------------
     def max_len(self, H, Hkv, modes):
+        """Longest global sequence (multiple of ``--len-step``) whose fwd+bwd fits: doubling from
+        ``--len-step`` until a length fails, then bisection between the last fit and the first
+        failure. Memory and compute both grow with the batch, the sequence with neither, so a
+        larger ``--batch`` finds a shorter length sooner; the ratio multi-GPU / one-GPU is what
+        the issue asks for."""
         a = self.args
         results = {}
         for label, world, runner in [("1gpu", 1, None)] + [(m, self.world, m) for m in modes]:
-            S, best = a.len_step, 0
-            while S <= a.len_limit:
+            def fits(S):
                 if world == 1:
                     ok = torch.tensor(0, device=DEV)
                     if self.rank == 0:
@@ -306,15 +310,37 @@ class Bench:
                 else:
                     ok = torch.tensor(int(self._fits(lambda: self.ours_cp_once(S, H, Hkv, runner))), device=DEV)
                     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-                if not ok.item():
+                log(f"    {label}: S={S} {'fits' if ok.item() else 'out of memory'}")
+                return bool(ok.item())
+
+            step = a.len_step * (2 * self.world if world > 1 else 1)  # zigzag needs 2*W chunks
+            good, bad = 0, None
+            S = step
+            while S <= a.len_limit:
+                if fits(S):
+                    good, S = S, S * 2
+                else:
+                    bad = S
                     break
-                best, S = S, S + a.len_step
-            results[label] = best
-            log(f"  longest fwd+bwd that fits, {label}: {best} tokens")
+            if bad is not None:
+                while bad - good > step:
+                    mid = (good + bad) // 2 // step * step
+                    if mid <= good:
+                        break
+                    if fits(mid):
+                        good = mid
+                    else:
+                        bad = mid
+            results[label] = good
+            log(f"  longest fwd+bwd that fits, {label}: {good} tokens (B={a.batch})")
         for label, best in results.items():
             self.rows.append(dict(provider=f"max-len-{label}", mode=label, world=1 if label == "1gpu" else self.world,
                                   B=a.batch, seqlen=best, H=H, Hkv=Hkv, D=a.head_dim, dtype=a.dtype, causal=True,
                                   status="ok", **self.meta))
+        if results.get("1gpu"):
+            for label, best in results.items():
+                if label != "1gpu":
+                    log(f"  {label}: {best / results['1gpu']:.2f}x the one-GPU length")
         return results
 
     def _fits(self, fn) -> bool:
@@ -339,8 +365,9 @@ class Bench:
     def ours_cp_once(self, S, H, Hkv, mode):
         from qwen3vl_flash.parallel import context_parallel_attn
 
+        mode, _, kernel = mode.partition(":")  # "ring" or "ring:triton"
         q, k, v, do = self._qkv_local(S // self.world, H, Hkv)
-        context_parallel_attn(q, k, v, causal=True, mode=mode).backward(do)
+        context_parallel_attn(q, k, v, causal=True, mode=mode, backend=kernel or "auto").backward(do)
 
 
 def _sdpa_backend(kernel: str):
@@ -369,7 +396,8 @@ def parse(argv=None):
     p.add_argument("--no-torch-cp", action="store_true", help="skip PyTorch's context_parallel rows")
     p.add_argument("--torch-kernels", default="cudnn,flash")
     p.add_argument("--max-len", action="store_true", help="also search the longest sequence that fits")
-    p.add_argument("--len-step", type=int, default=16384)
+    p.add_argument("--max-len-modes", default="ring", help="modes searched by --max-len (besides one GPU); mode:kernel picks the block kernel")
+    p.add_argument("--len-step", type=int, default=8192)
     p.add_argument("--len-limit", type=int, default=1 << 21)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -400,7 +428,7 @@ def main(argv=None) -> int:
     kernels = [x for x in args.kernels.split(",") if x]
     if args.check_len:
         b.check(args.check_len, H, Hkv, modes, kernels)
-    for S in map(int, args.seqlens.split(",")):
+    for S in [int(x) for x in args.seqlens.split(",") if x]:
         log(f"S = {S}: GQA {H}/{Hkv}, head_dim {args.head_dim}, {args.dtype}, causal, fwd+bwd")
         b.ours_1gpu(S, H, Hkv, "")
         for m in modes:
@@ -418,7 +446,7 @@ def main(argv=None) -> int:
                     b.torch_cp(S, H, kern)
     if args.max_len:
         log("longest sequence (ours, GQA, fwd+bwd)")
-        b.max_len(H, Hkv, [m for m in modes if m != "allgather"][:1] or ["ring"])
+        b.max_len(H, Hkv, [m for m in args.max_len_modes.split(",") if m])
     if b.rank == 0:
         os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
         new = not os.path.exists(args.csv)

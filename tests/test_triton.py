@@ -344,3 +344,36 @@ def test_hd72_backward_zero_pads_to_80_columns(monkeypatch):
     assert dq.shape == q.shape and dk.shape == k.shape
     for name, g, r, lo in [("dq", dq, rq, lq), ("dk", dk, rk, lk), ("dv", dv, rv, lv)]:
         _assert_close(name, g, r, lo, 3, ATOL[torch.bfloat16])
+
+
+def test_profile_can_give_the_dq_kernel_its_own_tile(monkeypatch):
+    import qwen3vl_flash.backends.triton_backend as tbk
+    import qwen3vl_flash.backends.triton_bwd as tb
+    from qwen3vl_flash.hardware.profiles import PROFILES
+
+    seen = {}
+    real = tb.attention_backward
+
+    def spy(*a, **kw):
+        seen["config"], seen["config_dq"] = kw.get("config"), kw.get("config_dq")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tb, "attention_backward", spy)
+    prof = PROFILES["generic-cpu"].replace(name="dq-tile", triton={
+        "bwd": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+        "bwd_dq_d32": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}})
+    from qwen3vl_flash.backends.base import AttnParams
+
+    q, k, v = (_fresh((1, 40, 2, 32), torch.float16, s) for s in (41, 42, 43))
+    p = AttnParams(32 ** -0.5, causal=True, profile=prof)
+    be = get_backend("triton")
+    out, lse = be.forward(q, k, v, p)
+    dout = _fresh((1, 40, 2, 32), torch.float16, 44)
+    dq, dk, dv = be.backward(dout, q, k, v, out, lse, p)
+    assert seen["config"]["BLOCK_M"] == 32 and seen["config_dq"] == {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4,
+                                                                      "num_stages": 1}
+    _, rq, rk, rv = _grads(lambda a, b, c: attention_ref(a, b, c, causal=True), q, k, v, dout)
+    _, lq, lk, lv = _grads(lambda a, b, c: attention_ref(a, b, c, causal=True, upcast=False), q, k, v, dout)
+    _assert_close("dq", dq, rq, lq, 3, ATOL[torch.float16])
+    _assert_close("dk", dk, rk, lk, 3, ATOL[torch.float16])
+    assert tbk._config_list(prof, "bwd", 32)[:2] == [32, 16]

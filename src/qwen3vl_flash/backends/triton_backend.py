@@ -148,14 +148,14 @@ def triton_bwd_op(
     config: List[int],
     head_split: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped like (q, k, v)."""
+    """(dq, dk, dv) shaped like (q, k, v). config: 4 ints for both kernels, or 8 (dK/dV, then dQ)."""
     require("triton", "backend='triton'")
     from .triton_bwd import attention_backward
 
     return attention_backward(
         dout, q, k, v, out, lse, softmax_scale, causal, (window_left, window_right),
-        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config=_config_dict(config),
-        head_split=head_split,
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config=_config_dict(config[:4]),
+        config_dq=_config_dict(config[4:8]) if len(config) == 8 else None, head_split=head_split,
     )
 
 
@@ -212,6 +212,11 @@ class TritonBackend(Backend):
 
     def backward(self, dout, q, k, v, out, lse, p: AttnParams):
         cfg = _config_list(p.profile, "bwd", q.shape[-1])
+        tri = getattr(p.profile, "triton", None) or {}
+        dq_cfg = tri.get(f"bwd_dq_{_pow2_key(q.shape[-1])}")  # the dQ kernel's own tile, per head dim
+        if cfg[0] > 0 and dq_cfg:
+            cfg = cfg + [int(dq_cfg["BLOCK_M"]), int(dq_cfg["BLOCK_N"]), int(dq_cfg.get("num_warps", 4)),
+                         int(dq_cfg.get("num_stages", 2))]
         return triton_bwd_op(dout, q, k, v, out, lse, *self._common(q, p), cfg, _head_split(p.profile))
 
     # -- decode (flash_attn_with_kvcache): delegated to the split-KV kernels in triton_decode.py
