@@ -348,3 +348,37 @@ def test_demo_cli_default_run(capsys):
     text = capsys.readouterr().out
     assert "tokens identical : yes" in text
     assert "sdpa" in text and NAME in text and "peak" in text
+
+
+def test_static_cache_decode_compiles_fullgraph(cfg, models):
+    """A StaticCache decode step under torch.compile(fullgraph=True) traces through our attention
+    (generate's own compile on GPUs does this) and picks the tokens sdpa's compiled step picks."""
+    from transformers import StaticCache
+
+    inputs = _single(cfg, seed=5)
+    L = inputs["input_ids"].shape[1]
+    toks = {}
+    for impl in ("sdpa", NAME):
+        model = models[impl]
+        try:
+            cache = StaticCache(config=model.config, max_cache_len=L + 8)
+        except TypeError:  # 4.57
+            cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=L + 8)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = model(**inputs, past_key_values=cache, use_cache=True, cache_position=torch.arange(L))
+            tok = out.logits[:, -1:].argmax(-1)
+            step = torch.compile(model, fullgraph=True, backend="eager")
+            mask = torch.ones(1, L + 8, dtype=torch.long)
+            seq = []
+            for i in range(4):
+                pos = L + i
+                # explicit MRoPE positions: transformers' own position code branches on the cache
+                pid = (torch.tensor([pos]) + model.model.rope_deltas.view(-1)).view(1, 1, 1).expand(3, 1, 1)
+                o = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]),
+                         attention_mask=mask[:, :pos + 1], position_ids=pid)
+                tok = o.logits[:, -1:].argmax(-1)
+                seq.append(tok.item())
+        toks[impl] = seq
+    torch._dynamo.reset()
+    assert toks[NAME] == toks["sdpa"]

@@ -230,6 +230,11 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
     Sk = k.shape[2]
     scale = float(scale) if scale is not None else D ** -0.5
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, S, H, D) views
+    if mask is not None and cp_group is None and torch.compiler.is_compiling():
+        # Inside a compiled graph (generate's StaticCache + torch.compile) the host-side reading
+        # of the mask cannot be traced: a masked call runs SDPA with the mask there, which is
+        # traceable and CUDA-graph capturable, so the graph stays whole.
+        return _sdpa_with_mask(q, k, v, mask, scale)
     plan = _Plan("dense") if mask is None else _plan_for(mask, causal, Sk)
     if cp_group is not None and (plan.kind != "dense" or Sq != Sk):
         # each rank holds a shard: a padded batch or a KV cache would silently attend to the
@@ -284,14 +289,17 @@ def _analyse_varlen(plan: _Plan, B: int, Sq: int, Sk: int, device) -> _Plan:
                  max_k=int(lens.max()))
 
 
-@functools.lru_cache(maxsize=None)
-def _output_collector():
-    try:  # 5.x records attentions with hooks; the flag may not reach the attention call
-        from transformers.utils.output_capturing import _active_collector
+_COLLECTOR: list = []  # [the 5.x output collector, or None], looked up once (not under torch.compile)
 
-        return _active_collector
-    except Exception:
-        return None
+
+def _output_collector():
+    if not _COLLECTOR:
+        try:  # 5.x records attentions with hooks; the flag may not reach the attention call
+            from transformers.utils.output_capturing import _active_collector
+        except Exception:
+            _active_collector = None
+        _COLLECTOR.append(_active_collector)
+    return _COLLECTOR[0]
 
 
 def _output_attentions_requested(kwargs) -> bool:
@@ -355,8 +363,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out, None
 
 
+_MASKING_UTILS = None
+
+
 def _mask_module():
-    return require("transformers.masking_utils", "the transformers integration")
+    """transformers.masking_utils, imported once (at registration): an import inside a
+    torch.compile'd decode step would break the graph."""
+    global _MASKING_UTILS
+    if _MASKING_UTILS is None:
+        _MASKING_UTILS = require("transformers.masking_utils", "the transformers integration")
+    return _MASKING_UTILS
 
 
 def attention_mask(*args, **kwargs):
@@ -480,6 +496,7 @@ def register() -> str:
         return ATTN_IMPLEMENTATION
     tf = require("transformers", "the transformers integration")
     mu = _mask_module()
+    _output_collector()  # imported here, not inside a compiled graph
     tf.AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
     mu.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, attention_mask)
     _allow_name_at_load()
