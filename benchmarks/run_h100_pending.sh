@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# One device call (<= 10 min on a lent H100) for the figures the 2026-11-25 session could not
-# measure (docs/performance.md lists them). Run from the repository root on the GPU machine:
+# One device call (<= 10 min, a 2-GPU machine: nvidia-h100-x2) for the figures still missing after
+# the 2026-11-25 sessions (docs/performance.md says which). From the repository root:
 #     bash benchmarks/run_h100_pending.sh            # writes CSVs and logs under $OUT (or ./out)
+# Single-GPU work runs on GPU 0 and GPU 1 side by side; the context-parallel search uses both.
 # Each step has its own time limit, so a slow step cannot starve the rest.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=src
+export PYTHONUNBUFFERED=1 PYTHONPATH=src NCCL_NVLS_ENABLE=0
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-# 1. e2e with the post-run-1 changes: image tower via cuDNN, decode through the split-KV path
-timeout 330 python3 benchmarks/bench_e2e.py --repeats 2 --decode-tokens 17 \
-    --cases vision-image,vision-video,decode-dynamic-4k,decode-static-4k,decode-dynamic-32k,prefill \
-    --csv "$OUT/e2e.csv" 2>&1 | tee "$OUT/e2e.log" | grep -v -i warn
-# 2. Triton vision kernels (varlen 8 frames, fwd+bwd hd72) and the hd72 tail fix, no full check
-timeout 200 python3 benchmarks/bench_gpu.py --skip check,sweep,text,mem --out "$OUT" 2>&1 | tee "$OUT/vision.log" | tail -20
+# GPU 1: StaticCache decode with generate's own compile (the attention timer is paused there),
+# DynamicCache decode after the dispatch cache
+(CUDA_VISIBLE_DEVICES=1 timeout 300 python3 benchmarks/bench_e2e.py --repeats 2 --decode-tokens 33 \
+    --cases decode-static-4k,decode-dynamic-4k --csv "$OUT/e2e.csv" > "$OUT/e2e.log" 2>&1) &
+# GPU 0: the backward tiles on H100 (the sweep so far ran on an H200), then decode host timing
+(CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/exp_bwd_tiles.py --out "$OUT" > "$OUT/tiles.log" 2>&1;
+ CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/bench_decode.py --csv "$OUT/decode.csv" > "$OUT/decode.log" 2>&1) &
+wait
+grep "BEST" "$OUT/tiles.log"; tail -n 15 "$OUT/decode.log"; grep -v -i warn "$OUT/e2e.log" | tail -6
+# both GPUs: the longest sequence with Triton blocks (the last search stopped before its end)
+timeout 240 torchrun --nproc_per_node=2 benchmarks/bench_cp.py --seqlens "" --check-len 0 --no-mha --max-len \
+    --batch 8 --len-step 8192 --max-len-modes ring:triton --len-limit 1048576 --csv "$OUT/cp_maxlen.csv" 2>&1 \
+    | grep -v -i "warn\|^W1\|\*\*\*\*" | tail -20
