@@ -350,35 +350,53 @@ def test_demo_cli_default_run(capsys):
     assert "sdpa" in text and NAME in text and "peak" in text
 
 
-def test_static_cache_decode_compiles_fullgraph(cfg, models):
+@pytest.mark.parametrize("prompts", ["single", "padded_batch"])
+def test_static_cache_decode_compiles_fullgraph(cfg, models, monkeypatch, prompts):
     """A StaticCache decode step under torch.compile(fullgraph=True) traces through our attention
-    (generate's own compile on GPUs does this) and picks the tokens sdpa's compiled step picks."""
+    (generate's own compile on GPUs does this) and picks the tokens sdpa's compiled step picks.
+    Where the Triton kernels run (a GPU, or the interpreter as in tests/run.sh) the step goes
+    through the split-KV decode op with the key ranges read from the mask on the device."""
+    import os
+
     from transformers import StaticCache
 
-    inputs = _single(cfg, seed=5)
-    L = inputs["input_ids"].shape[1]
+    from qwen3vl_flash.backends import triton_decode
+
+    calls = []
+    real = triton_decode.decode_attention
+
+    def counting(*a, **kw):
+        calls.append(kw.get("cache_leftpad") is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(triton_decode, "decode_attention", counting)
+
+    inputs = _single(cfg, seed=5) if prompts == "single" else tiny.make_batch(cfg, seed=5)
+    B, L = inputs["input_ids"].shape
     toks = {}
     for impl in ("sdpa", NAME):
         model = models[impl]
         try:
             cache = StaticCache(config=model.config, max_cache_len=L + 8)
         except TypeError:  # 4.57
-            cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=L + 8)
+            cache = StaticCache(config=model.config, max_batch_size=B, max_cache_len=L + 8)
         torch._dynamo.reset()
         with torch.no_grad():
             out = model(**inputs, past_key_values=cache, use_cache=True, cache_position=torch.arange(L))
             tok = out.logits[:, -1:].argmax(-1)
             step = torch.compile(model, fullgraph=True, backend="eager")
-            mask = torch.ones(1, L + 8, dtype=torch.long)
+            mask = torch.cat([inputs["attention_mask"], torch.ones(B, 8, dtype=inputs["attention_mask"].dtype)], 1)
             seq = []
             for i in range(4):
                 pos = L + i
                 # explicit MRoPE positions: transformers' own position code branches on the cache
-                pid = (torch.tensor([pos]) + model.model.rope_deltas.view(-1)).view(1, 1, 1).expand(3, 1, 1)
+                pid = (pos + model.model.rope_deltas.view(B, 1)).view(1, B, 1).expand(3, B, 1)
                 o = step(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos]),
                          attention_mask=mask[:, :pos + 1], position_ids=pid)
                 tok = o.logits[:, -1:].argmax(-1)
-                seq.append(tok.item())
+                seq.append(tok.flatten().tolist())
         toks[impl] = seq
     torch._dynamo.reset()
     assert toks[NAME] == toks["sdpa"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert calls and all(calls), "the compiled decode step did not take the split-KV op"

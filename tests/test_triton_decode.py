@@ -318,3 +318,68 @@ def test_strided_history_views_as_cache(Sq):
     err, base = (out.float() - ref.float()).abs().max(), (lowp.float() - ref.float()).abs().max()
     assert err <= 2 * base + 1e-3, (err, base)
     assert torch.equal(k, k0) and torch.equal(v, v0)  # nothing appended, nothing written
+
+
+# (B, Sq, H, Hkv, D, Smax, Snew, cache_seqlens, cache_leftpad, dtype)
+LEFTPAD_CASES = [
+    pytest.param(3, 1, 8, 2, 64, 80, 1, [40, 79, 10], [0, 33, 20], torch.bfloat16,
+                 id="snew1-pad-0-33-and-beyond-length"),
+    pytest.param(2, 4, 8, 2, 64, 70, 4, [50, 60], [7, 58], torch.float16, id="sq4-snew4-pad-into-new-keys"),
+    pytest.param(2, 1, 4, 1, 64, 50, 0, [45, 30], [12, 0], torch.bfloat16, id="no-append-mqa"),
+]
+
+
+def _check_leftpad(q, kc0, vc0, kn, vn, seqlens, pads, out, lse):
+    """Row b attends keys [pad, seqlen + Snew) of its (appended) cache, causal aligned to the end."""
+    full_k, full_v = kc0.clone(), vc0.clone()
+    for b in range(q.shape[0]):
+        c = int(seqlens[b])
+        if kn is not None:
+            full_k[b, c:c + kn.shape[1]], full_v[b, c:c + vn.shape[1]] = kn[b], vn[b]
+    snew = 0 if kn is None else kn.shape[1]
+    for b in range(q.shape[0]):
+        end = int(seqlens[b]) + snew
+        start = min(int(pads[b]), end)
+        k, v = full_k[b:b + 1, start:end], full_v[b:b + 1, start:end]
+        if k.shape[1] == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b])) and torch.isneginf(lse[b]).all()
+            continue
+        ref, ref_lse = attention_ref(q[b:b + 1].double(), k.double(), v.double(), causal=True, return_lse=True)
+        low, low_lse = attention_ref(q[b:b + 1], k, v, causal=True, upcast=False, return_lse=True)
+        _check_rule(f"row {b} out", out[b:b + 1], ref, low, ATOL[q.dtype])
+        _check_rule(f"row {b} lse", lse[b:b + 1], ref_lse, low_lse, 10 * ATOL[q.dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "tiled"])
+@pytest.mark.parametrize("B,Sq,H,Hkv,D,Smax,snew,lens,pads,dtype", LEFTPAD_CASES)
+def test_cache_leftpad(backend, B, Sq, H, Hkv, D, Smax, snew, lens, pads, dtype):
+    """flash_attn_with_kvcache(cache_leftpad=...): keys before a row's pad are never attended (they
+    hold NaN here), through the split-KV kernel and through the generic varlen fallback."""
+    import qwen3vl_flash as qf
+
+    q = _fresh((B, Sq, H, D), dtype)
+    kc, vc = _fresh((B, Smax, Hkv, D), dtype), _fresh((B, Smax, Hkv, D), dtype)
+    for b, pad in enumerate(pads):  # what lies before the pad must not be read
+        kc[b, :pad] = float("nan")
+        vc[b, :pad] = float("nan")
+    kn = _fresh((B, snew, Hkv, D), dtype) if snew else None
+    vn = _fresh((B, snew, Hkv, D), dtype) if snew else None
+    seqlens, leftpad = torch.tensor(lens, dtype=torch.int32), torch.tensor(pads, dtype=torch.int32)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out, lse = qf.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                          backend=backend, return_lse=True)
+    _check_leftpad(q, kc0, vc0, kn, vn, seqlens, pads, out, lse)
+
+
+def test_cache_leftpad_errors():
+    import qwen3vl_flash as qf
+
+    q, kc = torch.zeros(2, 1, 4, 64), torch.zeros(2, 16, 2, 64)
+    lens = torch.tensor([3, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="cache_leftpad must be an int32"):
+        qf.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=lens, cache_leftpad=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"cache_leftpad must have shape \(B,\)"):
+        qf.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=lens, cache_leftpad=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache_leftpad must be >= 0"):
+        qf.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=lens,
+                                   cache_leftpad=torch.tensor([0, -1], dtype=torch.int32))

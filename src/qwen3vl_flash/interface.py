@@ -383,6 +383,7 @@ def flash_attn_with_kvcache(
     return_lse: bool = False,
     block_table: Optional[torch.Tensor] = None,
     check_values: bool = True,
+    cache_leftpad: Optional[torch.Tensor] = None,
 ):
     """Attention of new queries against a KV cache, appending new keys/values in place.
 
@@ -397,6 +398,9 @@ def flash_attn_with_kvcache(
         block_table: optional int32 (B, max_pages) for a paged cache (vLLM / flash-attn layout):
             the caches are then (num_pages, page_size, Hkv, D) and row b's token t lives in page
             block_table[b, t // page_size] at offset t % page_size; Smax = max_pages * page_size.
+        cache_leftpad: optional int32 (B,): row b's cache starts at this index (left-padded
+            batches, as flash-attn's argument of that name): keys [cache_leftpad[b],
+            cache_seqlens[b] + Snew) are attended, causal still aligned to the end. None = 0.
         check_values: read cache_seqlens (and block_table) on the host to refuse overflows and bad
             pages before anything is written: one device sync per call. Pass False in decode
             loops whose lengths are known to be valid (the kernels still clamp on the device and
@@ -460,6 +464,20 @@ def flash_attn_with_kvcache(
         raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
+    if cache_leftpad is not None:
+        if not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype != torch.int32:
+            raise TypeError(f"cache_leftpad must be an int32 tensor of shape (B,), got "
+                            f"{getattr(cache_leftpad, 'dtype', type(cache_leftpad).__name__)}")
+        if tuple(cache_leftpad.shape) != (B,):
+            raise ValueError(f"cache_leftpad must have shape (B,) = ({B},), got {tuple(cache_leftpad.shape)}")
+        if cache_leftpad.device != q.device:
+            raise ValueError(f"cache_leftpad must be on q's device ({q.device}), got {cache_leftpad.device}")
+        if block_table is not None:
+            raise ValueError("cache_leftpad is not supported with a paged cache (block_table)")
+        if check_values and _checks_values(cache_leftpad):
+            lo_pad = int(cache_leftpad.min())
+            if lo_pad < 0:
+                raise ValueError(f"cache_leftpad must be >= 0, got a minimum of {lo_pad}")
     if check_values and not lengths_known and _checks_values(cache_seqlens):
         lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync for both
         if lo < 0:
@@ -494,7 +512,9 @@ def flash_attn_with_kvcache(
         _KV_DISPATCH[key] = fused_be
     if fused_be is not None:
         try:
-            out, lse = fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
+            kw = {} if cache_leftpad is None else {"cache_leftpad": cache_leftpad}
+            out, lse = fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table,
+                                                  **kw)
             return (out, lse) if return_lse else out
         except Exception as exc:  # e.g. a kernel that fails to compile: auto falls through, once-logged
             if backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto":
@@ -517,6 +537,9 @@ def flash_attn_with_kvcache(
             k_cache[bidx, rows] = k
             v_cache[bidx, rows] = v
         lens = cache_seqlens + snew
+        if cache_leftpad is not None:
+            return _leftpad_kvcache_fallback(q, k_cache, v_cache, lens, cache_leftpad, scale, causal, window,
+                                             return_lse, inner)
         lens_list = lens.tolist()
         if min(lens_list) == max(lens_list):  # one length: a dense call over the valid prefix
             L = lens_list[0]
@@ -538,6 +561,26 @@ def flash_attn_with_kvcache(
             return res.view(B, Sq, H, D)
         out, lse = res
         return out.view(B, Sq, H, D), lse.view(H, B, Sq).permute(1, 0, 2)
+
+
+def _leftpad_kvcache_fallback(q, k_cache, v_cache, lens, leftpad, scale, causal, window, return_lse, backend):
+    """Without a fused kernel: keys [leftpad[b], lens[b]) of each row, packed into one varlen call
+    (bottom-right causal within each row's keys is then the cache's own alignment)."""
+    B, Sq, H, D = q.shape
+    Smax = k_cache.shape[1]
+    pos = torch.arange(Smax, device=q.device).unsqueeze(0)
+    start = torch.minimum(leftpad.long(), lens.long()).unsqueeze(1)
+    valid = (pos >= start) & (pos < lens.long().unsqueeze(1))  # (B, Smax)
+    n = valid.sum(1)
+    cu_k = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    cu_k[1:] = torch.cumsum(n, 0)
+    cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
+    res = flash_attn_varlen_func(q.reshape(B * Sq, H, D), k_cache[valid], v_cache[valid], cu_q, cu_k, Sq,
+                                 max(int(n.max()), 1), scale, causal, window, return_lse, backend)
+    if not return_lse:
+        return res.view(B, Sq, H, D)
+    out, lse = res
+    return out.view(B, Sq, H, D), lse.view(H, B, Sq).permute(1, 0, 2)
 
 
 def _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,

@@ -165,6 +165,35 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+@torch.library.custom_op("qwen3vl_flash::triton_decode", mutates_args=())
+def triton_decode_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    cache_leftpad: Optional[torch.Tensor],
+    softmax_scale: float,
+    causal: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV decode over a cache that already holds every key (no append): q (B, Sq<=16, H, D)
+    against keys [cache_leftpad[b], cache_seqlens[b]) of k_cache/v_cache (B, Smax, Hkv, D), causal
+    aligned to cache_seqlens. Returns (out like q, lse float32 (B, H, Sq)). An opaque op, so
+    torch.compile traces a decode step through it (no host syncs inside: CUDA-graph capturable)."""
+    require("triton", "the Triton decode path")
+    from ..hardware.profiles import profile_for_device
+    from . import triton_decode
+
+    p = AttnParams(softmax_scale, causal, profile=profile_for_device(q.device))
+    return triton_decode.decode_attention(q, k_cache, v_cache, None, None, cache_seqlens, p,
+                                          cache_leftpad=cache_leftpad)
+
+
+@triton_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # backend
 # --------------------------------------------------------------------------------------------
@@ -227,10 +256,12 @@ class TritonBackend(Backend):
             return f"the Triton decode kernels are unavailable ({exc})"
         return triton_decode.decode_check(q, k_cache, p)
 
-    def kvcache_attention(self, q, k_cache, v_cache, k, v, cache_seqlens, p: AttnParams, block_table=None):
+    def kvcache_attention(self, q, k_cache, v_cache, k, v, cache_seqlens, p: AttnParams, block_table=None,
+                          cache_leftpad=None):
         from . import triton_decode
 
-        return triton_decode.decode_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table)
+        return triton_decode.decode_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table,
+                                              cache_leftpad=cache_leftpad)
 
 
 register_backend(TritonBackend())

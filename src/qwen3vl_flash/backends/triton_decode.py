@@ -89,12 +89,14 @@ tl = None  # triton.language, bound by _build_kernels (the kernels below read it
 # decoration time whether to compile or interpret (TRITON_INTERPRET), and the kernels call each
 # other through this module's globals, which _build_kernels points at the wrapped versions.
 
-def _split_range(seqlen, num_splits, win_left, SQ: tl.constexpr, HAS_LEFT: tl.constexpr,
+def _split_range(seqlen, num_splits, win_left, pad, SQ: tl.constexpr, HAS_LEFT: tl.constexpr,
                  MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
-    # first visible key: the window's left edge as seen by query 0 (later queries see less)
-    lo = seqlen * 0
+    # first visible key: the window's left edge as seen by query 0 (later queries see less), and
+    # not before the row's left padding (cache_leftpad: keys [pad, seqlen) are the row's cache)
+    lo = seqlen * 0 + pad
     if HAS_LEFT:
-        lo = tl.maximum(seqlen - SQ - win_left, 0)
+        lo = tl.maximum(seqlen - SQ - win_left, lo)
+    lo = tl.minimum(lo, seqlen)
     n = seqlen - lo
     # (plain integer ceil-divisions: tl.cdiv is a jit function of triton.language, which the
     # interpreter cannot call if triton was imported before TRITON_INTERPRET was set)
@@ -143,7 +145,7 @@ def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_ri
     return m_new, l_i, acc
 
 def _split_kernel(
-    Q, K, V, KN, VN, SEQLENS, BT, O_PART, OUT, LSE, SEM,
+    Q, K, V, KN, VN, SEQLENS, BT, O_PART, OUT, LSE, SEM, LEFTPAD,
     scale_log2, lse_offset, num_splits, snew, cap, win_left, win_right,
     stride_ob, stride_os, stride_oh,
     stride_qb, stride_qs, stride_qh,
@@ -156,7 +158,7 @@ def _split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MIN_CHUNK: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= GROUP * SQ)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
@@ -189,7 +191,10 @@ def _split_kernel(
             tl.store(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], kn, mask=m2)
             tl.store(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], vn, mask=m2)
 
-    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
+    pad = 0
+    if HAS_LEFTPAD:
+        pad = tl.load(LEFTPAD + b)
+    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, pad, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     s_idx = offs_m // GROUP
     h_idx = hkv * GROUP + offs_m % GROUP
@@ -294,11 +299,12 @@ def _merge_row(O_PART, LSE_PART, OUT, LSE, row, out_off, n_used, num_splits,
     tl.store(LSE + row, tl.where(w_sum == 0.0, float("-inf"), lse_out))
 
 def _merge_kernel(
-    O_PART, SEQLENS, OUT, LSE,
+    O_PART, SEQLENS, OUT, LSE, LEFTPAD,
     lse_offset, num_splits, snew, cap, win_left,
     stride_ob, stride_os, stride_oh,
     H: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, HAS_LEFT: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b * H + h) * SQ + s: also the index into lse (B, H, SQ)
     LSE_PART = O_PART + lse_offset
@@ -307,7 +313,10 @@ def _merge_kernel(
     s = row % SQ
     cache_len = tl.minimum(tl.load(SEQLENS + b), cap)
     seqlen = tl.minimum(cache_len + snew, cap)
-    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
+    pad = 0
+    if HAS_LEFTPAD:
+        pad = tl.load(LEFTPAD + b)
+    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, pad, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
     _merge_row(O_PART, LSE_PART, OUT, LSE, row, b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh,
                n_used, num_splits, HEAD_DIM, BLOCK_D, BLOCK_S)
 
@@ -412,7 +421,7 @@ class _Plan:
                  "sem_numel")
 
 
-def _plan(q, k_cache, snew, p, paged, block_table) -> _Plan:
+def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False) -> _Plan:
     B, Sq, H, D = q.shape
     Hkv = k_cache.shape[2]
     group = H // Hkv
@@ -443,8 +452,8 @@ def _plan(q, k_cache, snew, p, paged, block_table) -> _Plan:
     block_s = max(2, _next_pow2(ns))
     pl.split_const = (Hkv, group, Sq, D, max(16, _next_pow2(rows)), block_n, block_d, paged, page_size,
                       has_left, has_right, min_chunk, "ieee" if q.dtype == torch.float32 else "tf32",
-                      q.device.type == "cpu", pl.fuse, block_s)
-    pl.merge_const = (H, Sq, D, block_d, block_s, has_left, min_chunk, block_n)
+                      q.device.type == "cpu", pl.fuse, block_s, has_leftpad)
+    pl.merge_const = (H, Sq, D, block_d, block_s, has_left, min_chunk, block_n, has_leftpad)
     # split counters of the fused merge: zeroed once, reset by the kernel itself; one set per
     # stream, so that calls on different streams never share them
     pl.sems, pl.sem_numel = {}, B * Hkv
@@ -487,8 +496,10 @@ def decode_attention(
     cache_seqlens: torch.Tensor,
     p,
     block_table: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Append k/v to the cache in place, then attend q to the ``cache_seqlens[b] + Snew`` keys.
+    """Append k/v to the cache in place, then attend q to the ``cache_seqlens[b] + Snew`` keys
+    (those from ``cache_leftpad[b]`` on, when given: a left-padded row's cache starts there).
 
     Args:
         q: (B, Sq, H, D), Sq <= 16, fp16/bf16/fp32; H % Hkv == 0 (query head h reads kv head h // (H // Hkv)).
@@ -509,13 +520,15 @@ def decode_attention(
     """
     split_kernel, merge_kernel = _kernels()
     snew = 0 if k is None else k.shape[1]
+    has_pad = cache_leftpad is not None
     key = (q.shape, q.dtype, q.device, k_cache.shape, snew, p.causal, p.window_size, p.softmax_scale,
-           id(p.profile), None if block_table is None else block_table.shape)
+           id(p.profile), None if block_table is None else block_table.shape, has_pad)
     pl = _PLANS.get(key)
     if pl is None:
         if block_table is not None:
             _check_block_table(block_table, q, k_cache)
-        pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table)
+        pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table, has_pad)
+    pad_t = cache_leftpad if has_pad else cache_seqlens  # never read without HAS_LEFTPAD
     B, Sq, H, D = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -536,18 +549,19 @@ def decode_attention(
     spec = stream = None
     if pl.fast is not None:
         spec = (q.data_ptr() & 15, k_cache.data_ptr() & 15, v_cache.data_ptr() & 15, k.data_ptr() & 15,
-                v.data_ptr() & 15, cache_seqlens.data_ptr() & 15, bt.data_ptr() & 15, strides)
+                v.data_ptr() & 15, cache_seqlens.data_ptr() & 15, bt.data_ptr() & 15, pad_t.data_ptr() & 15,
+                strides)
         stream = torch._C._cuda_getCurrentRawStream(dev.index)
     sem = pl.sems.get(stream)
     if sem is None:
         sem = pl.sems[stream] = torch.zeros((pl.sem_numel,), dtype=torch.int32, device=dev)
     _launch(pl, 0, split_kernel, pl.grid1,
-            (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, out, lse, sem, *pl.split_scalars,
+            (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, out, lse, sem, pad_t, *pl.split_scalars,
              H * D * Sq, H * D, D, *strides),
             pl.split_const, pl.split_opts, spec, stream)
     if not pl.fuse:
         _launch(pl, 1, merge_kernel, pl.grid2,
-                (ws, cache_seqlens, out, lse, *pl.merge_scalars, H * D * Sq, H * D, D),
+                (ws, cache_seqlens, out, lse, pad_t, *pl.merge_scalars, H * D * Sq, H * D, D),
                 pl.merge_const, pl.merge_opts, spec, stream)
     return out, lse
 

@@ -45,6 +45,7 @@ import torch
 
 from .. import ATTN_IMPLEMENTATION
 from .._optional import require
+from ..backends.base import AttnRequest, get_backend
 from ..interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, host_values
 
 __all__ = ["register", "enable", "attention_forward", "attention_mask", "attend", "is_registered"]
@@ -214,6 +215,43 @@ def _needs_grad(q, k, v) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
+def _decode_kernel_serves(q, k) -> bool:
+    """Whether the Triton split-KV kernel can take this decode call (shapes, dtype, device only:
+    traceable)."""
+    be = get_backend("triton")
+    req = AttnRequest(
+        device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[1],
+        num_kv_heads=k.shape[1], seqlen_q=q.shape[2], seqlen_k=k.shape[2], causal=True, need_lse=False,
+        device_capability=torch.cuda.get_device_capability(q.device) if q.is_cuda else None,
+    )
+    return be.check(req) is None and q.shape[-1] <= 256 and q.shape[1] % k.shape[1] == 0
+
+
+def _compiled_decode(q, k, v, mask, scale: float):
+    """A decode step under torch.compile: each row's visible keys are read from the mask *on the
+    device* as one range [start, end) (a StaticCache row: left padding, then its tokens, then
+    empty slots), and the split-KV kernel reads only that range. A mask that is not of that form
+    (causal within the range) trips a device-side assert instead of giving wrong attention.
+    q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, Sq, H, D)."""
+    from ..backends.triton_backend import triton_decode_op
+
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    m = mask[:, 0, :, :Sk]
+    m = m if m.dtype == torch.bool else (m == 0)
+    idx = torch.arange(Sk, device=q.device)
+    last = m[:, -1, :]  # the last query sees every key any query sees (causal)
+    start = torch.where(last, idx, Sk).amin(-1)
+    end = torch.where(last, idx + 1, 0).amax(-1)
+    qpos = end.unsqueeze(1) - Sq + torch.arange(Sq, device=q.device).unsqueeze(0)  # (B, Sq)
+    expect = (idx >= start[:, None, None]) & (idx <= qpos.unsqueeze(-1))
+    torch._assert_async(torch.all(expect == m), "qwen3vl_flash: a compiled decode step got a mask that is not "
+                        "one causal key range per row (padding + causal); run it without torch.compile")
+    out, _ = triton_decode_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), end.to(torch.int32),
+                              start.to(torch.int32), float(scale), True)
+    return out
+
+
 def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = None, cp_group=None):
     """Exact attention for transformers-layout tensors, honouring a transformers mask.
 
@@ -232,8 +270,11 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, S, H, D) views
     if mask is not None and cp_group is None and torch.compiler.is_compiling():
         # Inside a compiled graph (generate's StaticCache + torch.compile) the host-side reading
-        # of the mask cannot be traced: a masked call runs SDPA with the mask there, which is
-        # traceable and CUDA-graph capturable, so the graph stays whole.
+        # of the mask cannot be traced. Decode steps take the split-KV kernel with each row's key
+        # range [start, end) read from the mask on the device; other masked calls run SDPA with
+        # the mask. Both are traceable and CUDA-graph capturable, so the graph stays whole.
+        if Sq <= DECODE_MAX_QUERIES and causal and not _needs_grad(q, k, v) and _decode_kernel_serves(q, k):
+            return _compiled_decode(q, k, v, mask, scale)
         return _sdpa_with_mask(q, k, v, mask, scale)
     plan = _Plan("dense") if mask is None else _plan_for(mask, causal, Sk)
     if cp_group is not None and (plan.kind != "dense" or Sq != Sk):
