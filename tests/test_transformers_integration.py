@@ -304,8 +304,11 @@ def test_attend_mask_patterns_match_reference(case):
         k[:, :, written:] = 1e4
         v[:, :, written:] = float("nan")
     expected_kind = {"left_pad_prefill": "varlen", "right_pad": "varlen", "static_decode": "kvcache",
-                     "static_left_pad_decode": "varlen", "chunk": "varlen", "custom": "fallback"}[case]
-    assert qt._analyse(mask, True, Sk).kind == expected_kind
+                     "static_left_pad_decode": "kvcache", "chunk": "kvcache", "custom": "fallback"}[case]
+    plan = qt._analyse(mask, True, Sk)
+    assert plan.kind == expected_kind
+    if case in ("static_left_pad_decode", "chunk"):  # one key range per row: read in place from its start
+        assert plan.cache_leftpad.tolist() == [0, 3, 1] and plan.cache_seqlens.tolist() == [written] * 3
     out = qt.attend(q, k, v, mask, causal=True, scale=D**-0.5)
     ref = _ref_attention(q, k, v, mask, D**-0.5)
     valid_rows = mask[:, 0].any(-1)  # (B, Sq)

@@ -78,7 +78,8 @@ class _Plan:
     """How one 4D mask maps onto our API (``kind`` is dense | kvcache | varlen | fallback)."""
 
     kind: str
-    cache_seqlens: Optional[torch.Tensor] = None  # kvcache: int32 (B,) valid keys per row
+    cache_seqlens: Optional[torch.Tensor] = None  # kvcache: int32 (B,) end of each row's valid keys
+    cache_leftpad: Optional[torch.Tensor] = None  # kvcache: int32 (B,) start of them (None: 0)
     q_valid: Optional[torch.Tensor] = None  # varlen: bool (B, Sq)
     k_valid: Optional[torch.Tensor] = None  # varlen: bool (B, Sk)
     cu_q: Optional[torch.Tensor] = None
@@ -136,6 +137,13 @@ def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
         prefix = torch.arange(Sk, device=m.device).unsqueeze(0) < nk.unsqueeze(1)
         if torch.equal(prefix, k_valid):
             return _Plan("kvcache", cache_seqlens=nk.to(torch.int32))
+        # one range of keys per row (left padding, then the row's tokens, then empty slots): the
+        # split-KV path reads [start, end) in place, no packing copy of the cache
+        idx = torch.arange(Sk, device=m.device)
+        start = torch.where(k_valid, idx, Sk).amin(-1)
+        end = torch.where(k_valid, idx + 1, 0).amax(-1)
+        if torch.equal((idx >= start.unsqueeze(1)) & (idx < end.unsqueeze(1)), k_valid):
+            return _Plan("kvcache", cache_seqlens=end.to(torch.int32), cache_leftpad=start.to(torch.int32))
     cu_q = torch.zeros(B + 1, dtype=torch.int32, device=m.device)
     cu_k = torch.zeros(B + 1, dtype=torch.int32, device=m.device)
     cu_q[1:] = nq.cumsum(0)
@@ -303,7 +311,8 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
     if plan.kind == "kvcache" and not needs_grad:
         # the lengths come from our own reading of the mask: no second device sync to check them
         return flash_attn_with_kvcache(qt, kt, vt, cache_seqlens=plan.cache_seqlens, softmax_scale=scale,
-                                       causal=causal, check_values=False).contiguous()
+                                       causal=causal, check_values=False,
+                                       cache_leftpad=plan.cache_leftpad).contiguous()
     if plan.kind in ("kvcache", "varlen"):  # kvcache with gradients: the varlen path is differentiable
         if plan.q_valid is None:
             plan = _analyse_varlen(plan, B, Sq, Sk, q.device)
@@ -320,8 +329,11 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
 
 
 def _analyse_varlen(plan: _Plan, B: int, Sq: int, Sk: int, device) -> _Plan:
-    lens = plan.cache_seqlens.long()
-    k_valid = torch.arange(Sk, device=device).unsqueeze(0) < lens.unsqueeze(1)
+    end = plan.cache_seqlens.long()
+    start = plan.cache_leftpad.long() if plan.cache_leftpad is not None else torch.zeros_like(end)
+    idx = torch.arange(Sk, device=device).unsqueeze(0)
+    k_valid = (idx >= start.unsqueeze(1)) & (idx < end.unsqueeze(1))
+    lens = end - start
     q_valid = torch.ones(B, Sq, dtype=torch.bool, device=device)
     cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=device)
     cu_k = torch.zeros(B + 1, dtype=torch.int32, device=device)
