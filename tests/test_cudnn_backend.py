@@ -107,3 +107,35 @@ def test_context_parallel_auto_prefers_cudnn_only_on_cuda():
     assert choose_kernel(q, 2, True).name == "tiled"
     with pytest.raises(ValueError, match="cudnn: needs a CUDA GPU"):
         choose_kernel(q, 2, True, "cudnn")
+
+
+def test_kv_head_chunks_give_the_same_result(fake_ops, monkeypatch):
+    """Near the memory limit a block runs in KV-head chunks (the GQA repeat of a few heads at a
+    time): forward and backward equal the one-call result."""
+    torch.manual_seed(3)
+    be = get_backend("cudnn")
+    q, k, v = torch.randn(1, 24, 8, 16), torch.randn(1, 24, 4, 16), torch.randn(1, 24, 4, 16)
+    dout = torch.randn_like(q)
+    p = AttnParams(softmax_scale=0.25, causal=True)
+    out1, lse1 = be.forward(q, k, v, p)
+    g1 = be.backward(dout, q, k, v, out1, lse1, p)
+    seen = []
+
+    def chunks(q_, k_, backward):
+        seen.append((k_.shape[2], backward))
+        return 2 if k_.shape[2] == 4 else 1
+
+    monkeypatch.setattr(cudnn_mod, "kv_head_chunks", chunks)
+    out2, lse2 = be.forward(q, k, v, p)
+    g2 = be.backward(dout, q, k, v, out2, lse2, p)
+    assert (4, False) in seen and (2, False) in seen and (4, True) in seen and (2, True) in seen
+    torch.testing.assert_close(out2, out1)
+    torch.testing.assert_close(lse2, lse1)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)
+
+
+def test_kv_head_chunks_is_one_call_off_gpu_and_for_mha():
+    q, k = torch.zeros(1, 8, 8, 16), torch.zeros(1, 8, 2, 16)
+    assert cudnn_mod.kv_head_chunks(q, k, backward=True) == 1  # CPU tensors
+    assert cudnn_mod.kv_head_chunks(q, q, backward=True) == 1  # no GQA repeat

@@ -11,7 +11,9 @@ Limits (``check`` says which one applies): CUDA, fp16/bf16, compute capability >
 head_dim a multiple of 8 up to 128 (sm80) / 256 (sm90), no sliding window, no varlen, and causal
 only when Sq == Sk (cuDNN's causal mask is top-left aligned; ours is bottom-right, the two agree
 only on square blocks, which is what the ring computes). GQA: K/V are repeated across the group
-for the call (cuDNN's entry point has no GQA) and dK/dV are summed back over the group.
+for the call (cuDNN's entry point has no GQA) and dK/dV are summed back over the group; when that
+repeat would not fit twice in the GPU's free memory, the block runs in KV-head chunks
+(:func:`kv_head_chunks`; not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -67,6 +69,36 @@ def cudnn_backward_op(dout, q, k, v, out, lse4, causal: bool, scale: float):
     return res[0], res[1], res[2]
 
 
+def _split_heads(q, k, v, chunks: int):
+    """(q, k, v) cut into ``chunks`` consecutive KV-head groups (query heads follow their KV head)."""
+    hk = k.shape[2] // chunks
+    hq = q.shape[2] // chunks
+    for i in range(chunks):
+        yield (q[:, :, i * hq:(i + 1) * hq], k[:, :, i * hk:(i + 1) * hk].contiguous(),
+               v[:, :, i * hk:(i + 1) * hk].contiguous())
+
+
+def kv_head_chunks(q: torch.Tensor, k: torch.Tensor, backward: bool) -> int:
+    """How many KV-head chunks to run one block in: 1 (one call, the measured fast path) unless
+    the GQA repeat (K/V, and in the backward their expanded gradients) would not fit twice in the
+    GPU's free memory; then the smallest divisor of Hkv that brings it under that. Near the memory
+    limit this trades a few more kernel calls for the repeat's memory (context parallelism at the
+    longest lengths)."""
+    Hkv = k.shape[2]
+    group = q.shape[2] // Hkv
+    if group == 1 or Hkv == 1 or not q.is_cuda:
+        return 1
+    repeat = 2 * k.numel() * group * k.element_size() * (2 if backward else 1)  # K, V (and dK, dV) at H heads
+    try:
+        free = torch.cuda.mem_get_info(q.device)[0]
+    except Exception:  # no query possible: keep the fast path
+        return 1
+    for c in range(1, Hkv + 1):
+        if Hkv % c == 0 and 2 * repeat / c <= free:
+            return c
+    return Hkv
+
+
 class CudnnBackend(Backend):
     name = "cudnn"
     native_autograd = False
@@ -102,6 +134,10 @@ class CudnnBackend(Backend):
     def forward(self, q, k, v, p: AttnParams):
         self._plain(p, q.shape[1], k.shape[1])
         group = q.shape[2] // k.shape[2]
+        chunks = kv_head_chunks(q, k, backward=False)
+        if chunks > 1:  # near the memory limit: repeat K/V for a few KV heads at a time
+            parts = [self.forward(qc, kc, vc, p) for qc, kc, vc in _split_heads(q, k, v, chunks)]
+            return torch.cat([o for o, _ in parts], 2), torch.cat([l for _, l in parts], 1)
         out, lse4 = cudnn_forward_op(
             _heads_first(q), _heads_first(_repeat_kv(k, group)), _heads_first(_repeat_kv(v, group)),
             p.causal, p.softmax_scale,
@@ -114,6 +150,13 @@ class CudnnBackend(Backend):
     def backward(self, dout, q, k, v, out, lse, p: AttnParams):
         self._plain(p, q.shape[1], k.shape[1])
         group = q.shape[2] // k.shape[2]
+        chunks = kv_head_chunks(q, k, backward=True)
+        if chunks > 1:
+            h = q.shape[2] // chunks
+            grads = [self.backward(dout[:, :, i * h:(i + 1) * h], qc, kc, vc, out[:, :, i * h:(i + 1) * h],
+                                   lse[:, i * h:(i + 1) * h], p)
+                     for i, (qc, kc, vc) in enumerate(_split_heads(q, k, v, chunks))]
+            return tuple(torch.cat([g[j] for g in grads], 2) for j in range(3))
         kr, vr = _repeat_kv(k, group), _repeat_kv(v, group)
         lse4 = lse.float().contiguous().unsqueeze(-1)
         dq, dk, dv = cudnn_backward_op(
