@@ -9,6 +9,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=src NCCL_NVLS_ENABLE=0
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# first: the decode changes made without a GPU (cache_leftpad, the decode op in a CUDA graph, the
+# compiled StaticCache step with a padded batch) must pass before anything is timed
+timeout 150 python3 benchmarks/check_decode_gpu.py 2>&1 | tail -12
 # GPU 1: StaticCache decode with generate's own compile (the attention timer is paused there),
 # DynamicCache decode after the dispatch cache
 (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 benchmarks/bench_e2e.py --repeats 2 --decode-tokens 33 \
