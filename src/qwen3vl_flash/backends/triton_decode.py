@@ -421,7 +421,7 @@ class _Plan:
                  "sem_numel")
 
 
-def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False) -> _Plan:
+def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False, allow_fuse: bool = True) -> _Plan:
     B, Sq, H, D = q.shape
     Hkv = k_cache.shape[2]
     group = H // Hkv
@@ -448,7 +448,9 @@ def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False) ->
     pl.split_scalars = (p.softmax_scale * LOG2E, lse_offset, ns, snew, capacity, left, right)
     pl.merge_scalars = (lse_offset, ns, snew, capacity, left)
     # constexprs in signature order (the fast launch passes every argument positionally)
-    pl.fuse = rows <= int(cfg["fuse_merge_max_rows"])
+    # (not while a CUDA graph is being captured: the fused merge's counters would be allocated
+    # from the graph's private memory pool; the separate merge kernel needs none)
+    pl.fuse = allow_fuse and rows <= int(cfg["fuse_merge_max_rows"])
     block_s = max(2, _next_pow2(ns))
     pl.split_const = (Hkv, group, Sq, D, max(16, _next_pow2(rows)), block_n, block_d, paged, page_size,
                       has_left, has_right, min_chunk, "ieee" if q.dtype == torch.float32 else "tf32",
@@ -521,13 +523,15 @@ def decode_attention(
     split_kernel, merge_kernel = _kernels()
     snew = 0 if k is None else k.shape[1]
     has_pad = cache_leftpad is not None
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (q.shape, q.dtype, q.device, k_cache.shape, snew, p.causal, p.window_size, p.softmax_scale,
-           id(p.profile), None if block_table is None else block_table.shape, has_pad)
+           id(p.profile), None if block_table is None else block_table.shape, has_pad, capturing)
     pl = _PLANS.get(key)
     if pl is None:
         if block_table is not None:
             _check_block_table(block_table, q, k_cache)
-        pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table, has_pad)
+        pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table, has_pad,
+                                 allow_fuse=not capturing)
     pad_t = cache_leftpad if has_pad else cache_seqlens  # never read without HAS_LEFTPAD
     B, Sq, H, D = q.shape
     if q.stride(-1) != 1:
