@@ -224,15 +224,18 @@ def _needs_grad(q, k, v) -> bool:
 
 
 def _decode_kernel_serves(q, k) -> bool:
-    """Whether the Triton split-KV kernel can take this decode call (shapes, dtype, device only:
-    traceable)."""
+    """Whether the Triton split-KV kernel can take this decode call (shapes, dtype, device only)."""
+    return _decode_kernel_serves_for(q.device.type, q.device.index, q.dtype, q.shape[-1], q.shape[1], k.shape[1],
+                                     q.shape[2], k.shape[2])
+
+
+@torch.compiler.assume_constant_result  # evaluated once while tracing: a constant in the graph
+def _decode_kernel_serves_for(device_type: str, index, dtype, D: int, H: int, Hkv: int, Sq: int, Sk: int) -> bool:
     be = get_backend("triton")
-    req = AttnRequest(
-        device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[1],
-        num_kv_heads=k.shape[1], seqlen_q=q.shape[2], seqlen_k=k.shape[2], causal=True, need_lse=False,
-        device_capability=torch.cuda.get_device_capability(q.device) if q.is_cuda else None,
-    )
-    return be.check(req) is None and q.shape[-1] <= 256 and q.shape[1] % k.shape[1] == 0
+    cap = torch.cuda.get_device_capability(index) if device_type == "cuda" else None
+    req = AttnRequest(device_type=device_type, dtype=dtype, head_dim=D, num_heads=H, num_kv_heads=Hkv,
+                      seqlen_q=Sq, seqlen_k=Sk, causal=True, need_lse=False, device_capability=cap)
+    return be.check(req) is None and D <= 256 and H % Hkv == 0
 
 
 def _compiled_decode(q, k, v, mask, scale: float):
