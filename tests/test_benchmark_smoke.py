@@ -1,0 +1,53 @@
+"""The benchmark scripts' CPU smoke modes still run (they are what the GPU calls execute: a script
+broken by an API change would waste a device call). Tiny shapes; no figure is checked here."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, timeout=300, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TRITON_INTERPRET="1")
+    env.update(env_extra or {})
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{args} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+def test_exp_fwd_variants_smoke(tmp_path):
+    pytest.importorskip("triton")
+    out = _run([sys.executable, "benchmarks/exp_fwd_variants.py", "--smoke", "--out", str(tmp_path)])
+    assert "0 rows failed" in out and (tmp_path / "exp_fwd_variants.csv").exists()
+
+
+def test_bench_e2e_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    csv = tmp_path / "e2e.csv"
+    out = _run([sys.executable, "benchmarks/bench_e2e.py", "--smoke", "--cases", "vision-video,decode-static-4k",
+                "--csv", str(csv)])
+    assert "decode-static-4k" in out and csv.exists()
+
+
+def test_bench_cp_cpu_smoke(tmp_path):
+    """Two gloo processes: the correctness check, timing rows and the longest-length search."""
+    csv = tmp_path / "cp.csv"
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "benchmarks/bench_cp.py",
+                "--device", "cpu", "--seqlens", "256", "--dtype", "float32", "--backend", "tiled", "--heads", "4",
+                "--kv-heads", "2", "--head-dim", "16", "--warmup", "0", "--iters", "1", "--kernels", "auto",
+                "--check-len", "128", "--no-mha", "--max-len", "--len-step", "128", "--len-limit", "256",
+                "--csv", str(csv)], env_extra={"OMP_NUM_THREADS": "1"})
+    assert "ring      auto" in out and "ok" in out and "longest fwd+bwd that fits" in out
+    rows = csv.read_text().splitlines()
+    assert rows[0].startswith("provider,") and len(rows) > 5
+
+
+def test_plot_cp_from_committed_csv(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "cp.png"
+    _run([sys.executable, "benchmarks/plot_cp.py", "benchmarks/results/cp_2xh100_2026-11-25_run2.csv", str(png)])
+    assert png.stat().st_size > 10_000
