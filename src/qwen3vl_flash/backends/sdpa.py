@@ -136,6 +136,7 @@ class SdpaBackend(Backend):
         cq, ck = host_values(p.cu_seqlens_q), host_values(p.cu_seqlens_k)
         outs, lses = [], []
         H = q.shape[1]
+        kv_used = False
         for b in range(len(cq) - 1):
             qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
             if qe == qs:
@@ -147,7 +148,10 @@ class SdpaBackend(Backend):
             o, l = _dense(q[qs:qe].unsqueeze(0), k[ks:ke].unsqueeze(0), v[ks:ke].unsqueeze(0), p)
             outs.append(o[0])
             lses.append(l[0] if l is not None else None)
+            kv_used = True
         out = torch.cat(outs, 0)
+        if not kv_used:  # no segment has both queries and keys: k/v stay in the graph (zero gradients)
+            out = out + (k[:0].sum() + v[:0].sum())
         lse = torch.cat(lses, 1) if lses and all(x is not None for x in lses) else None
         return out, lse
 
