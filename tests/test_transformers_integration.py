@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 
 import pytest
 import torch
@@ -403,3 +404,25 @@ def test_static_cache_decode_compiles_fullgraph(cfg, models, monkeypatch, prompt
     assert toks[NAME] == toks["sdpa"]
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert calls and all(calls), "the compiled decode step did not take the split-KV op"
+
+
+def test_compiled_decode_refuses_a_mask_that_is_not_one_key_range():
+    """The device-side check of the compiled decode path: a hole inside a row's keys (not padding
+    + causal) raises instead of attending to the hole; a proper left-padded range passes and
+    matches the reference."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the decode kernels run on CPU tensors only under TRITON_INTERPRET=1 (tests/run.sh)")
+    B, H, Hkv, D, Sk = 2, 4, 2, 16, 12
+    q = torch.randn(B, H, 1, D)
+    k, v = torch.randn(B, Hkv, Sk, D), torch.randn(B, Hkv, Sk, D)
+    good = torch.zeros(B, 1, 1, Sk, dtype=torch.bool)
+    good[0, ..., :9] = True
+    good[1, ..., 3:9] = True  # left padding of 3
+    out = qt._compiled_decode(q, k, v, good, D ** -0.5)
+    ref = _ref_attention(q, k, v, good, D ** -0.5)
+    assert (out - ref).abs().max().item() < 1e-4
+    bad = good.clone()
+    bad[0, ..., 4] = False  # a hole
+    with pytest.raises(RuntimeError):
+        qt._compiled_decode(q, k, v, bad, D ** -0.5)

@@ -248,15 +248,17 @@ def _compiled_decode(q, k, v, mask, scale: float):
 
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
-    m = mask[:, 0, :, :Sk]
-    m = m if m.dtype == torch.bool else (m == 0)
+    mm = mask[..., :Sk]
+    mm = mm if mm.dtype == torch.bool else (mm == 0)
+    m = mm[:, 0]  # (B, Sq, Sk); a per-head mask must repeat it (checked below with the rest)
     idx = torch.arange(Sk, device=q.device)
     last = m[:, -1, :]  # the last query sees every key any query sees (causal)
     start = torch.where(last, idx, Sk).amin(-1)
     end = torch.where(last, idx + 1, 0).amax(-1)
     qpos = end.unsqueeze(1) - Sq + torch.arange(Sq, device=q.device).unsqueeze(0)  # (B, Sq)
     expect = (idx >= start[:, None, None]) & (idx <= qpos.unsqueeze(-1))
-    torch._assert_async(torch.all(expect == m), "qwen3vl_flash: a compiled decode step got a mask that is not "
+    torch._assert_async(torch.all(expect == m) & torch.all(mm == m.unsqueeze(1)),
+                        "qwen3vl_flash: a compiled decode step got a mask that is not "
                         "one causal key range per row (padding + causal); run it without torch.compile")
     out, _ = triton_decode_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), end.to(torch.int32),
                               start.to(torch.int32), float(scale), True)
