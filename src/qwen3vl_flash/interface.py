@@ -538,8 +538,8 @@ def flash_attn_with_kvcache(
             v_cache[bidx, rows] = v
         lens = cache_seqlens + snew
         if cache_leftpad is not None:
-            return _leftpad_kvcache_fallback(q, k_cache, v_cache, lens, cache_leftpad, scale, causal, window,
-                                             return_lse, inner)
+            return _packed_kvcache(q, k_cache, v_cache, cache_leftpad, lens, scale, causal, window, return_lse,
+                                   inner)
         lens_list = lens.tolist()
         if min(lens_list) == max(lens_list):  # one length: a dense call over the valid prefix
             L = lens_list[0]
@@ -549,28 +549,18 @@ def flash_attn_with_kvcache(
                 return (out, lse) if return_lse else out
             return flash_attn_func(q, k_cache[:, :L], v_cache[:, :L], scale, causal, window, return_lse, inner)
         # ragged lengths: pack the valid rows and run one varlen call
-        valid = torch.arange(Smax, device=q.device).unsqueeze(0) < lens.unsqueeze(1)  # (B, Smax)
-        kp, vp = k_cache[valid], v_cache[valid]
-        cu_k = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-        cu_k[1:] = torch.cumsum(lens, 0)
-        cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
-        res = flash_attn_varlen_func(
-            q.reshape(B * Sq, H, D), kp, vp, cu_q, cu_k, Sq, max(lens_list), scale, causal, window, return_lse, inner
-        )
-        if not return_lse:
-            return res.view(B, Sq, H, D)
-        out, lse = res
-        return out.view(B, Sq, H, D), lse.view(H, B, Sq).permute(1, 0, 2)
+        return _packed_kvcache(q, k_cache, v_cache, None, lens, scale, causal, window, return_lse, inner)
 
 
-def _leftpad_kvcache_fallback(q, k_cache, v_cache, lens, leftpad, scale, causal, window, return_lse, backend):
-    """Without a fused kernel: keys [leftpad[b], lens[b]) of each row, packed into one varlen call
-    (bottom-right causal within each row's keys is then the cache's own alignment)."""
+def _packed_kvcache(q, k_cache, v_cache, start, end, scale, causal, window, return_lse, backend):
+    """Without a fused kernel: keys [start[b], end[b]) of each row (start None: 0), packed into
+    one varlen call (bottom-right causal within each row's keys is then the cache's own alignment)."""
     B, Sq, H, D = q.shape
-    Smax = k_cache.shape[1]
-    pos = torch.arange(Smax, device=q.device).unsqueeze(0)
-    start = torch.minimum(leftpad.long(), lens.long()).unsqueeze(1)
-    valid = (pos >= start) & (pos < lens.long().unsqueeze(1))  # (B, Smax)
+    pos = torch.arange(k_cache.shape[1], device=q.device).unsqueeze(0)
+    end = end.long()
+    valid = pos < end.unsqueeze(1)  # (B, Smax)
+    if start is not None:
+        valid &= pos >= torch.minimum(start.long(), end).unsqueeze(1)
     n = valid.sum(1)
     cu_k = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     cu_k[1:] = torch.cumsum(n, 0)

@@ -111,6 +111,14 @@ def _as_bool_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
     return m == 0
 
 
+def _key_range(k_valid: torch.Tensor):
+    """Per row of a (B, Sk) bool: (first valid key, last valid key + 1), on the device (Sk, 0 when
+    none). Equal to k_valid exactly when each row's valid keys form one range."""
+    Sk = k_valid.shape[-1]
+    idx = torch.arange(Sk, device=k_valid.device)
+    return torch.where(k_valid, idx, Sk).amin(-1), torch.where(k_valid, idx + 1, 0).amax(-1)
+
+
 def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
     m = _as_bool_mask(mask)
     if m is None:
@@ -140,8 +148,7 @@ def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
         # one range of keys per row (left padding, then the row's tokens, then empty slots): the
         # split-KV path reads [start, end) in place, no packing copy of the cache
         idx = torch.arange(Sk, device=m.device)
-        start = torch.where(k_valid, idx, Sk).amin(-1)
-        end = torch.where(k_valid, idx + 1, 0).amax(-1)
+        start, end = _key_range(k_valid)
         if torch.equal((idx >= start.unsqueeze(1)) & (idx < end.unsqueeze(1)), k_valid):
             return _Plan("kvcache", cache_seqlens=end.to(torch.int32), cache_leftpad=start.to(torch.int32))
     cu_q = torch.zeros(B + 1, dtype=torch.int32, device=m.device)
@@ -252,9 +259,7 @@ def _compiled_decode(q, k, v, mask, scale: float):
     mm = mm if mm.dtype == torch.bool else (mm == 0)
     m = mm[:, 0]  # (B, Sq, Sk); a per-head mask must repeat it (checked below with the rest)
     idx = torch.arange(Sk, device=q.device)
-    last = m[:, -1, :]  # the last query sees every key any query sees (causal)
-    start = torch.where(last, idx, Sk).amin(-1)
-    end = torch.where(last, idx + 1, 0).amax(-1)
+    start, end = _key_range(m[:, -1, :])  # the last query sees every key any query sees (causal)
     qpos = end.unsqueeze(1) - Sq + torch.arange(Sq, device=q.device).unsqueeze(0)  # (B, Sq)
     expect = (idx >= start[:, None, None]) & (idx <= qpos.unsqueeze(-1))
     torch._assert_async(torch.all(expect == m) & torch.all(mm == m.unsqueeze(1)),
