@@ -383,3 +383,26 @@ def test_cache_leftpad_errors():
     with pytest.raises(ValueError, match="cache_leftpad must be >= 0"):
         qf.flash_attn_with_kvcache(q, kc, kc, cache_seqlens=lens,
                                    cache_leftpad=torch.tensor([0, -1], dtype=torch.int32))
+
+
+def test_decode_op_keeps_no_buffer_between_calls():
+    """The custom op (what a compiled decode step calls) must not keep any allocation past the
+    call: torch.compile's CUDA-graph trees allocate from the graph's pool while warming up and
+    refuse a live pool allocation that is not an output (the fused merge's split counters were
+    one, allocated on every call even when unfused: found on an H200 with generate's StaticCache
+    compile). The op takes the separate merge; a profile that fuses keeps the counters, and both
+    give the same result."""
+    import qwen3vl_flash.backends.triton_backend  # noqa: F401  (registers the op)
+
+    B, H, Hkv, D, Smax = 2, 8, 2, 64, 80
+    q = _fresh((B, 1, H, D), torch.bfloat16)
+    kc, vc = _fresh((B, Smax, Hkv, D), torch.bfloat16), _fresh((B, Smax, Hkv, D), torch.bfloat16)
+    seqlens, pads = torch.tensor([33, 80], dtype=torch.int32), torch.tensor([3, 0], dtype=torch.int32)
+    td._PLANS.clear()
+    out_op, lse_op = torch.ops.qwen3vl_flash.triton_decode(q, kc, vc, seqlens, pads, D ** -0.5, True)
+    assert td._PLANS and all(not pl.fuse and not pl.sems for pl in td._PLANS.values())
+    out, lse = td.decode_attention(q, kc, vc, None, None, seqlens, _params(D, scale=D ** -0.5, profile=SMALL),
+                                   cache_leftpad=pads)
+    assert any(pl.fuse and pl.sems for pl in td._PLANS.values())  # this one fuses
+    torch.testing.assert_close(out_op.float(), out.float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(lse_op, lse, rtol=0, atol=1e-4)

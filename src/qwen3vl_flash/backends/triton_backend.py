@@ -184,8 +184,10 @@ def triton_decode_op(
     from . import triton_decode
 
     p = AttnParams(softmax_scale, causal, profile=profile_for_device(q.device))
+    # no fused merge: under torch.compile's CUDA-graph trees every allocation made in a call must
+    # die with it or be an output, and the fused merge keeps its split counters between calls
     return triton_decode.decode_attention(q, k_cache, v_cache, None, None, cache_seqlens, p,
-                                          cache_leftpad=cache_leftpad)
+                                          cache_leftpad=cache_leftpad, fuse=False)
 
 
 @triton_decode_op.register_fake

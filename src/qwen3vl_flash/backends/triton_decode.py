@@ -499,6 +499,7 @@ def decode_attention(
     p,
     block_table: Optional[torch.Tensor] = None,
     cache_leftpad: Optional[torch.Tensor] = None,
+    fuse: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Append k/v to the cache in place, then attend q to the ``cache_seqlens[b] + Snew`` keys
     (those from ``cache_leftpad[b]`` on, when given: a left-padded row's cache starts there).
@@ -511,6 +512,10 @@ def decode_attention(
         k, v: (B, Snew, Hkv, D) or None; written at rows cache_seqlens[b] .. + Snew - 1.
         cache_seqlens: int32 (B,) valid lengths *before* the append (device tensor).
         p: AttnParams (softmax_scale, causal: bottom-right aligned, window_size, profile).
+        fuse: allow the fused merge (one launch). Its split counters are a buffer kept between
+            calls, so callers whose allocations must not outlive the call (torch.compile's
+            CUDA-graph trees, which allocate from the graph's pool even while warming up) pass
+            False and get the separate merge kernel, which keeps nothing.
 
     Returns:
         out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 (-inf and output 0 for a row with
@@ -525,13 +530,13 @@ def decode_attention(
     has_pad = cache_leftpad is not None
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (q.shape, q.dtype, q.device, k_cache.shape, snew, p.causal, p.window_size, p.softmax_scale,
-           id(p.profile), None if block_table is None else block_table.shape, has_pad, capturing)
+           id(p.profile), None if block_table is None else block_table.shape, has_pad, capturing or not fuse)
     pl = _PLANS.get(key)
     if pl is None:
         if block_table is not None:
             _check_block_table(block_table, q, k_cache)
         pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table, has_pad,
-                                 allow_fuse=not capturing)
+                                 allow_fuse=fuse and not capturing)
     pad_t = cache_leftpad if has_pad else cache_seqlens  # never read without HAS_LEFTPAD
     B, Sq, H, D = q.shape
     if q.stride(-1) != 1:
@@ -556,9 +561,12 @@ def decode_attention(
                 v.data_ptr() & 15, cache_seqlens.data_ptr() & 15, bt.data_ptr() & 15, pad_t.data_ptr() & 15,
                 strides)
         stream = torch._C._cuda_getCurrentRawStream(dev.index)
-    sem = pl.sems.get(stream)
-    if sem is None:
-        sem = pl.sems[stream] = torch.zeros((pl.sem_numel,), dtype=torch.int32, device=dev)
+    if pl.fuse:
+        sem = pl.sems.get(stream)
+        if sem is None:
+            sem = pl.sems[stream] = torch.zeros((pl.sem_numel,), dtype=torch.int32, device=dev)
+    else:  # never read: the counters are used by the fused merge only
+        sem = cache_seqlens
     _launch(pl, 0, split_kernel, pl.grid1,
             (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, out, lse, sem, pad_t, *pl.split_scalars,
              H * D * Sq, H * D, D, *strides),

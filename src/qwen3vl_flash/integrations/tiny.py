@@ -184,9 +184,17 @@ def build_model(config=None, attn_implementation: Optional[str] = "sdpa", dtype=
     torch.manual_seed(seed)
     # models built from one config object would share it (and its _attn_implementation)
     config = copy.deepcopy(config)
-    model = tf.Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    device = torch.device(device)
+    if device.type == "cpu":
+        model = tf.Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+        _spread_weights(model, seed)
+        return model.to(dtype=dtype).eval()
+    # an accelerator: built and drawn there (an 8B model drawn on the host took minutes); the
+    # weights then come from the device's generator, so they differ from a CPU build's
+    with torch.device(device):
+        model = tf.Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
     _spread_weights(model, seed)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(dtype=dtype).eval()
 
 
 @torch.no_grad()
@@ -196,15 +204,17 @@ def _spread_weights(model, seed: int) -> None:
     transformers' init (std 0.02) leaves attention nearly uniform in a tiny model, so a wrong mask
     or cache slot would barely move the logits; with these weights attention is peaked and such
     mistakes show up far above float32 noise."""
-    gen = torch.Generator().manual_seed(seed + 1)
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed + 1)
     for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=gen, device=dev)
         if p.dim() >= 2:
             fan_in = p[0].numel() if "embed" not in name else 1
-            p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+            p.copy_(r / fan_in ** 0.5)
         elif name.endswith("norm.weight") or "norm" in name and name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            p.copy_(1.0 + 0.1 * r)
         else:
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            p.copy_(0.1 * r)
 
 
 # --------------------------------------------------------------------------------------------
