@@ -340,6 +340,43 @@ def test_mask_function_never_skips_when_lengths_differ():
                              allow_is_causal_skip=True, **same) is None
 
 
+def test_mask_function_keeps_the_mask_when_transformers_forbids_the_skip():
+    """A decode step whose 2D mask covers every cache slot may skip the mask (None), except when
+    transformers passes allow_is_causal_skip=False (a compileable cache: generate would drop the
+    None from the compiled step's inputs and recompile it)."""
+    from transformers.masking_utils import causal_mask_function
+
+    pad = torch.ones(2, 12, dtype=torch.bool)
+    if tiny.is_v5():
+        kw = dict(batch_size=2, q_length=1, kv_length=12, q_offset=11, kv_offset=0)
+    else:
+        kw = dict(batch_size=2, cache_position=torch.tensor([11]), kv_length=12, kv_offset=0)
+    assert qt.attention_mask(mask_function=causal_mask_function, attention_mask=pad, allow_is_causal_skip=True,
+                             **kw) is None
+    m = qt.attention_mask(mask_function=causal_mask_function, attention_mask=pad, allow_is_causal_skip=False, **kw)
+    assert m is not None and m.shape == (2, 1, 1, 12) and bool(m.all())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the compiled decode op needs TRITON_INTERPRET=1 on CPU")
+def test_generate_static_cache_compiles_the_decode_step_once(cfg):
+    """generate with a StaticCache and its own compile (forced on CPU, eager backend): one graph
+    for every decode step of an unpadded prompt, as sdpa gets. Before the fix above, the last
+    steps (2D mask as long as the cache) compiled a second graph."""
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = tiny.build_model(cfg, NAME, seed=int(torch.randint(0, 1000, (1,))))
+    inputs = tiny.make_prompt_inputs(cfg, [[8]])
+    cc = CompileConfig(backend="eager")
+    cc._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False, cache_implementation="static",
+                   compile_config=cc)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_demo_cli_default_run(capsys):
     import argparse
 

@@ -453,8 +453,12 @@ def attention_mask(*args, **kwargs):
     if q_len is None or kv_len is None or q_len != kv_len:
         pad = kwargs.get("attention_mask")
         if (  # decode / chunked prefill over a cache holding exactly the 2D mask's tokens, no padding:
-            # every key is valid, so None (bottom-right causal) is exact and saves building the mask
-            q_len is not None
+            # every key is valid, so None (bottom-right causal) is exact and saves building the mask.
+            # Not when transformers forbids the skip (a compileable cache such as StaticCache):
+            # generate drops a None mask from the compiled step's inputs, which recompiles it and
+            # sends that step down the uncompiled path (found on an H200: generate stalled)
+            kwargs.get("allow_is_causal_skip", True)
+            and q_len is not None
             and isinstance(pad, torch.Tensor)
             and pad.dim() == 2
             and pad.shape[-1] == kv_len
