@@ -51,3 +51,11 @@ def test_plot_cp_from_committed_csv(tmp_path):
     png = tmp_path / "cp.png"
     _run([sys.executable, "benchmarks/plot_cp.py", "benchmarks/results/cp_2xh100_2026-11-25_run2.csv", str(png)])
     assert png.stat().st_size > 10_000
+
+
+def test_plot_kernels_from_committed_csv(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "kernels.png"
+    _run([sys.executable, "benchmarks/plot_kernels.py", "benchmarks/results/gpu_kernels_2026-11-25_text_run3.csv",
+          str(png)])
+    assert png.stat().st_size > 10_000
