@@ -15,7 +15,10 @@ fwd+bwd calls after ``--warmup``, the slowest rank counted:
   ``torch-cp-{cudnn,flash}`` (``torch.distributed.tensor.experimental.context_parallel`` around
   SDPA with that kernel, its default head-tail load balancing).
 * ``--max-len``: the longest sequence (in steps of ``--len-step``) whose fwd+bwd fits on one GPU
-  and on all of them (ours, GQA), by trying lengths until CUDA runs out of memory.
+  and on all of them (ours, GQA), by trying lengths until CUDA runs out of memory (an OOM on one
+  rank mid-ring can leave the other waiting in NCCL: set ``--pg-timeout``).
+* ``--max-len-fit``: the same question answered from the peak memory at three short lengths
+  (linear fit), then one check at 95% of the prediction; no try is meant to run out of memory.
 
 Efficiency = T(1 GPU, full S) / (W * T(W GPUs)). Rows go to ``--csv`` (appended) with the GPU
 names, versions and date; a table is printed. Nothing here runs on CPU: it needs W CUDA GPUs.
@@ -302,16 +305,9 @@ class Bench:
         results = {}
         for label, world, runner in [("1gpu", 1, None)] + [(m, self.world, m) for m in modes]:
             def fits(S):
-                if world == 1:
-                    ok = torch.tensor(0, device=DEV)
-                    if self.rank == 0:
-                        ok.fill_(int(self._fits(lambda: self.ours_1gpu_once(S, H, Hkv))))
-                    dist.broadcast(ok, 0)
-                else:
-                    ok = torch.tensor(int(self._fits(lambda: self.ours_cp_once(S, H, Hkv, runner))), device=DEV)
-                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-                log(f"    {label}: S={S} {'fits' if ok.item() else 'out of memory'}")
-                return bool(ok.item())
+                ok = self._fits_everywhere(S, H, Hkv, world, runner)
+                log(f"    {label}: S={S} {'fits' if ok else 'out of memory'}")
+                return ok
 
             step = a.len_step * (2 * self.world if world > 1 else 1)  # zigzag needs 2*W chunks
             good, bad = 0, None
@@ -343,6 +339,82 @@ class Bench:
                     log(f"  {label}: {best / results['1gpu']:.2f}x the one-GPU length")
         return results
 
+    def max_len_fit(self, H, Hkv, modes):
+        """Longest sequence predicted from measured peaks, then checked once: the peak memory of
+        fwd+bwd at three short lengths (which fit), fitted by ``peak = a + b * S`` (memory is
+        linear in S here), gives S_max = (usable - a) / b, where usable = free memory + what
+        PyTorch holds (after emptying its cache); the slowest rank counts. One try at 95% of the
+        prediction then checks it. Unlike ``max_len``, no try is meant to run out of memory: an
+        out-of-memory error on one rank in the middle of a ring step leaves the other waiting in
+        NCCL (what stopped the bisection searches on 2 x H200)."""
+        a = self.args
+        results = {}
+        for label, world, runner in [("1gpu", 1, None)] + [(m, self.world, m) for m in modes]:
+            step = a.len_step * (2 * self.world if world > 1 else 1)
+            xs, peaks, usable = [], [], None
+            for f in (2, 4, 8):
+                S = step * f
+                if world == 1:
+                    fn = (lambda S=S: self.ours_1gpu_once(S, H, Hkv)) if self.rank == 0 else None
+                else:
+                    fn = lambda S=S: self.ours_cp_once(S, H, Hkv, runner)  # noqa: E731
+                pk, us = self._peak_bytes(fn, S)
+                t = torch.tensor([pk, -us], device=DEV, dtype=torch.float64)
+                if world == 1:
+                    dist.broadcast(t, 0)
+                else:
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the largest peak, the smallest usable
+                xs.append(S)
+                peaks.append(t[0].item())
+                usable = -t[1].item() if usable is None else min(usable, -t[1].item())
+                log(f"    {label}: S={S} peak {peaks[-1] / 2**30:.2f} GiB (usable {usable / 2**30:.1f} GiB)")
+            s_pred = predict_max_len(xs, peaks, usable)
+            s_try = int(0.95 * s_pred) // step * step
+            ok = self._fits_everywhere(s_try, H, Hkv, world, runner) if s_try > 0 else False
+            log(f"  {label}: predicted longest {s_pred:,.0f} tokens (B={a.batch}); "
+                f"{s_try:,} {'fits' if ok else 'DOES NOT FIT'}")
+            results[label] = (s_pred, s_try, ok)
+            self.rows.append(dict(provider=f"max-len-fit-{label}", mode=label, world=world, B=a.batch,
+                                  seqlen=int(s_pred), H=H, Hkv=Hkv, D=a.head_dim, dtype=a.dtype, causal=True,
+                                  peak_gb=round(peaks[-1] / 2**30, 3),
+                                  status=f"checked {s_try}: {'fits' if ok else 'out of memory'}", **self.meta))
+        if "1gpu" in results:
+            for label, (s_pred, s_try, ok) in results.items():
+                if label != "1gpu":
+                    log(f"  {label}: {s_pred / results['1gpu'][0]:.2f}x the one-GPU length (predicted)")
+        return results
+
+    def _peak_bytes(self, fn, S: int):
+        """(peak bytes allocated during fn, bytes PyTorch could use); (0, inf) where fn is None.
+        On CPU (a smoke run of the code path) fn runs but the memory is synthetic: 1 KB per token
+        of a 1 MB budget."""
+        if fn is None:
+            return 0.0, float("inf")
+        if not _cuda():
+            fn()
+            return 1024.0 * S, float(2**20)
+        _sync()
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info()
+        usable = free + torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        _sync()
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.empty_cache()
+        return float(peak), float(usable)
+
+    def _fits_everywhere(self, S, H, Hkv, world, runner) -> bool:
+        if world == 1:
+            ok = torch.tensor(0, device=DEV)
+            if self.rank == 0:
+                ok.fill_(int(self._fits(lambda: self.ours_1gpu_once(S, H, Hkv))))
+            dist.broadcast(ok, 0)
+        else:
+            ok = torch.tensor(int(self._fits(lambda: self.ours_cp_once(S, H, Hkv, runner))), device=DEV)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
     def _fits(self, fn) -> bool:
         if _cuda():
             torch.cuda.empty_cache()
@@ -368,6 +440,18 @@ class Bench:
         mode, _, kernel = mode.partition(":")  # "ring" or "ring:triton"
         q, k, v, do = self._qkv_local(S // self.world, H, Hkv)
         context_parallel_attn(q, k, v, causal=True, mode=mode, backend=kernel or "auto").backward(do)
+
+
+def predict_max_len(xs: List[float], peaks: List[float], usable: float) -> float:
+    """Least-squares line ``peak = a + b * S`` through the measured points, solved for
+    ``peak = usable``; 0 if the peak does not grow with S."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(peaks) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, peaks)) / sxx if sxx else 0.0
+    if b <= 0:
+        return 0.0
+    return max(0.0, (usable - (my - b * mx)) / b)
 
 
 def _sdpa_backend(kernel: str):
@@ -396,6 +480,9 @@ def parse(argv=None):
     p.add_argument("--no-torch-cp", action="store_true", help="skip PyTorch's context_parallel rows")
     p.add_argument("--torch-kernels", default="cudnn,flash")
     p.add_argument("--max-len", action="store_true", help="also search the longest sequence that fits")
+    p.add_argument("--max-len-fit", action="store_true",
+                   help="predict the longest sequence from peaks at 3 short lengths, then check it once (no OOM tries)")
+    p.add_argument("--pg-timeout", type=int, default=0, help="NCCL collective timeout in s (0: torch's default)")
     p.add_argument("--max-len-modes", default="ring", help="modes searched by --max-len (besides one GPU); mode:kernel picks the block kernel")
     p.add_argument("--len-step", type=int, default=8192)
     p.add_argument("--len-limit", type=int, default=1 << 21)
@@ -420,7 +507,8 @@ def main(argv=None) -> int:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         DEV = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=DEV)
+        kw = {"timeout": datetime.timedelta(seconds=args.pg_timeout)} if args.pg_timeout else {}
+        dist.init_process_group("nccl", device_id=DEV, **kw)
     b = Bench(args)
     modes = [m for m in args.modes.split(",") if m]
     H, Hkv = args.heads, args.kv_heads
@@ -447,6 +535,10 @@ def main(argv=None) -> int:
     if args.max_len:
         log("longest sequence (ours, GQA, fwd+bwd)")
         b.max_len(H, Hkv, [m for m in args.max_len_modes.split(",") if m])
+    if args.max_len_fit:
+        log("longest sequence, predicted from peak memory (ours, GQA, fwd+bwd)"
+            + ("" if _cuda() else " -- CPU smoke run: synthetic memory figures"))
+        b.max_len_fit(H, Hkv, [m for m in args.max_len_modes.split(",") if m])
     if b.rank == 0:
         os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
         new = not os.path.exists(args.csv)

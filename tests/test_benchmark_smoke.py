@@ -39,9 +39,11 @@ def test_bench_cp_cpu_smoke(tmp_path):
     out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "benchmarks/bench_cp.py",
                 "--device", "cpu", "--seqlens", "256", "--dtype", "float32", "--backend", "tiled", "--heads", "4",
                 "--kv-heads", "2", "--head-dim", "16", "--warmup", "0", "--iters", "1", "--kernels", "auto",
-                "--check-len", "128", "--no-mha", "--max-len", "--len-step", "128", "--len-limit", "256",
+                "--check-len", "128", "--no-mha", "--max-len", "--max-len-fit", "--len-step", "32", "--len-limit", "256",
                 "--csv", str(csv)], env_extra={"OMP_NUM_THREADS": "1"})
     assert "ring      auto" in out and "ok" in out and "longest fwd+bwd that fits" in out
+    # synthetic CPU memory (1 KB per token, 1 MB usable): predicted 1024 tokens, 972 checked
+    assert "1gpu: predicted longest 1,024 tokens" in out and "ring: predicted longest 1,024 tokens" in out
     rows = csv.read_text().splitlines()
     assert rows[0].startswith("provider,") and len(rows) > 5
 
@@ -59,3 +61,15 @@ def test_plot_kernels_from_committed_csv(tmp_path):
     _run([sys.executable, "benchmarks/plot_kernels.py", "benchmarks/results/gpu_kernels_2026-11-25_text_run3.csv",
           str(png)])
     assert png.stat().st_size > 10_000
+
+
+def test_bench_cp_max_len_prediction():
+    """The least-squares line through measured peaks, solved for the usable memory."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cp", ROOT / "benchmarks" / "bench_cp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    xs = [1000.0, 2000.0, 4000.0]
+    assert mod.predict_max_len(xs, [5e6 + 3e3 * x for x in xs], 80e6) == pytest.approx(25000.0)
+    assert mod.predict_max_len(xs, [7.0, 7.0, 7.0], 80e6) == 0.0  # no growth: nothing to predict
