@@ -19,6 +19,7 @@ fwd+bwd calls after ``--warmup``, the slowest rank counted:
   rank mid-ring can leave the other waiting in NCCL: set ``--pg-timeout``).
 * ``--max-len-fit``: the same question answered from the peak memory at three short lengths
   (linear fit), then one check at 95% of the prediction; no try is meant to run out of memory.
+  ``--max-len-modes`` may name ``1gpu:triton`` for a second one-GPU baseline with that kernel.
 
 Efficiency = T(1 GPU, full S) / (W * T(W GPUs)). Rows go to ``--csv`` (appended) with the GPU
 names, versions and date; a table is printed. Nothing here runs on CPU: it needs W CUDA GPUs.
@@ -303,9 +304,12 @@ class Bench:
         the issue asks for."""
         a = self.args
         results = {}
-        for label, world, runner in [("1gpu", 1, None)] + [(m, self.world, m) for m in modes]:
+        labels = [("1gpu", 1, None)] + [(m, 1 if m.startswith("1gpu") else self.world, m) for m in modes]
+        for label, world, runner in labels:
+            kern = (runner or "").partition(":")[2] or None
+
             def fits(S):
-                ok = self._fits_everywhere(S, H, Hkv, world, runner)
+                ok = self._fits_everywhere(S, H, Hkv, world, runner, kern)
                 log(f"    {label}: S={S} {'fits' if ok else 'out of memory'}")
                 return ok
 
@@ -330,12 +334,12 @@ class Bench:
             results[label] = good
             log(f"  longest fwd+bwd that fits, {label}: {good} tokens (B={a.batch})")
         for label, best in results.items():
-            self.rows.append(dict(provider=f"max-len-{label}", mode=label, world=1 if label == "1gpu" else self.world,
+            self.rows.append(dict(provider=f"max-len-{label}", mode=label, world=1 if label.startswith("1gpu") else self.world,
                                   B=a.batch, seqlen=best, H=H, Hkv=Hkv, D=a.head_dim, dtype=a.dtype, causal=True,
                                   status="ok", **self.meta))
         if results.get("1gpu"):
             for label, best in results.items():
-                if label != "1gpu":
+                if not label.startswith("1gpu"):
                     log(f"  {label}: {best / results['1gpu']:.2f}x the one-GPU length")
         return results
 
@@ -349,13 +353,16 @@ class Bench:
         NCCL (what stopped the bisection searches on 2 x H200)."""
         a = self.args
         results = {}
-        for label, world, runner in [("1gpu", 1, None)] + [(m, self.world, m) for m in modes]:
+        # "1gpu:triton" in modes: one more one-GPU baseline, with that kernel
+        labels = [("1gpu", 1, None)] + [(m, 1 if m.startswith("1gpu") else self.world, m) for m in modes]
+        for label, world, runner in labels:
             step = a.len_step * (2 * self.world if world > 1 else 1)
             xs, peaks, usable = [], [], None
+            kern = (runner or "").partition(":")[2] or None
             for f in (2, 4, 8):
                 S = step * f
                 if world == 1:
-                    fn = (lambda S=S: self.ours_1gpu_once(S, H, Hkv)) if self.rank == 0 else None
+                    fn = (lambda S=S: self.ours_1gpu_once(S, H, Hkv, kern)) if self.rank == 0 else None
                 else:
                     fn = lambda S=S: self.ours_cp_once(S, H, Hkv, runner)  # noqa: E731
                 pk, us = self._peak_bytes(fn, S)
@@ -370,7 +377,7 @@ class Bench:
                 log(f"    {label}: S={S} peak {peaks[-1] / 2**30:.2f} GiB (usable {usable / 2**30:.1f} GiB)")
             s_pred = predict_max_len(xs, peaks, usable)
             s_try = int(0.95 * s_pred) // step * step
-            ok = self._fits_everywhere(s_try, H, Hkv, world, runner) if s_try > 0 else False
+            ok = self._fits_everywhere(s_try, H, Hkv, world, runner, kern) if s_try > 0 else False
             log(f"  {label}: predicted longest {s_pred:,.0f} tokens (B={a.batch}); "
                 f"{s_try:,} {'fits' if ok else 'DOES NOT FIT'}")
             results[label] = (s_pred, s_try, ok)
@@ -380,7 +387,7 @@ class Bench:
                                   status=f"checked {s_try}: {'fits' if ok else 'out of memory'}", **self.meta))
         if "1gpu" in results:
             for label, (s_pred, s_try, ok) in results.items():
-                if label != "1gpu":
+                if not label.startswith("1gpu"):
                     log(f"  {label}: {s_pred / results['1gpu'][0]:.2f}x the one-GPU length (predicted)")
         return results
 
@@ -404,11 +411,11 @@ class Bench:
         torch.cuda.empty_cache()
         return float(peak), float(usable)
 
-    def _fits_everywhere(self, S, H, Hkv, world, runner) -> bool:
+    def _fits_everywhere(self, S, H, Hkv, world, runner, kernel=None) -> bool:
         if world == 1:
             ok = torch.tensor(0, device=DEV)
             if self.rank == 0:
-                ok.fill_(int(self._fits(lambda: self.ours_1gpu_once(S, H, Hkv))))
+                ok.fill_(int(self._fits(lambda: self.ours_1gpu_once(S, H, Hkv, kernel))))
             dist.broadcast(ok, 0)
         else:
             ok = torch.tensor(int(self._fits(lambda: self.ours_cp_once(S, H, Hkv, runner))), device=DEV)
@@ -428,11 +435,11 @@ class Bench:
             if _cuda():
                 torch.cuda.empty_cache()
 
-    def ours_1gpu_once(self, S, H, Hkv):
+    def ours_1gpu_once(self, S, H, Hkv, backend=None):
         import qwen3vl_flash as qf
 
         q, k, v, do = self._qkv_local(S, H, Hkv)
-        qf.flash_attn_func(q, k, v, causal=True, backend=self.args.backend).backward(do)
+        qf.flash_attn_func(q, k, v, causal=True, backend=backend or self.args.backend).backward(do)
 
     def ours_cp_once(self, S, H, Hkv, mode):
         from qwen3vl_flash.parallel import context_parallel_attn
