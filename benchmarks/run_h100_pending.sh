@@ -18,6 +18,6 @@ wait
 grep -v "^W11\|__recompiles\]     -  " "$OUT/gen_8b4.log" | grep -v -i warn | tail -8
 grep -v -i "warn" "$OUT/e2e.log" | grep "tok/s\|\[ \|Error" | tail -10
 timeout 230 torchrun --nproc_per_node=2 benchmarks/bench_cp.py --seqlens "" --check-len 0 --no-mha --max-len-fit \
-    --batch 8 --len-step 1024 --max-len-modes 1gpu:triton,ring:triton,ulysses:triton,ring --pg-timeout 90 \
+    --batch 64 --len-step 256 --max-len-modes 1gpu:triton,ring:triton,ulysses:triton,ring --pg-timeout 90 \
     --csv "$OUT/cp_maxlen.csv" > "$OUT/cp.log" 2>&1
 grep -E "peak|predicted|fits|x the one" "$OUT/cp.log" | tail -24
