@@ -75,3 +75,11 @@ def test_bench_cp_max_len_prediction():
     xs = [1000.0, 2000.0, 4000.0]
     assert mod.predict_max_len(xs, [5e6 + 3e3 * x for x in xs], 80e6) == pytest.approx(25000.0)
     assert mod.predict_max_len(xs, [7.0, 7.0, 7.0], 80e6) == 0.0  # no growth: nothing to predict
+
+
+def test_check_generate_compile_cpu_smoke():
+    """The GPU check of generate's StaticCache compile, in its CPU mode (eager compile backend)."""
+    pytest.importorskip("transformers")
+    out = _run([sys.executable, "benchmarks/check_generate_compile.py", "--device", "cpu", "--tokens", "4"])
+    assert "tokens equal to sdpa: True" in out
+    assert out.count("'unique_graphs': 1") == 2, out  # one compiled graph for every step, both
