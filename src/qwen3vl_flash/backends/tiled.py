@@ -201,7 +201,9 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
     if lse_rows.dtype != acc_t:
         lse_lo = torch.where(torch.isinf(lse_rows), 0.0, lse_rows - lse_hi.to(lse_rows.dtype)).to(acc_t)
     kh, kT = _kv_heads_first(k), _kv_transposed(k)
-    vT = _kv_transposed(v)
+    # dP = dO V^T in the accumulator dtype (as FA2 keeps it in fp32 registers): rounded to bf16 it
+    # would lose everything in dS = P (dP - D) where dP ~ D (one visible key: dS = 0 exactly)
+    vT = _kv_transposed(v).to(acc_t)
     BH, R = qf.shape[0], qf.shape[1]
     dq = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
     dk = torch.zeros(BH, Sk, D, dtype=acc_t, device=q.device)
@@ -211,6 +213,7 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
     for r0 in range(0, R, block_m):
         r1 = min(r0 + block_m, R)
         qb, dob = qf[:, r0:r1], dof[:, r0:r1]
+        dob_acc = dob.to(acc_t)
         dq_b = torch.zeros(BH, r1 - r0, D, dtype=acc_t, device=q.device)
         hi_b, delta_b = lse_hi[:, r0:r1].unsqueeze(-1), delta[:, r0:r1].unsqueeze(-1)
         lo_b = lse_lo[:, r0:r1].unsqueeze(-1) if lse_lo is not None else None
@@ -220,8 +223,7 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
             if lo_b is not None:
                 p.sub_(lo_b)
             p.exp_()
-            dp = torch.bmm(dob, vT[:, :, c0:c1])
-            dp = dp.to(acc_t) if lowp else dp
+            dp = torch.bmm(dob_acc, vT[:, :, c0:c1])
             ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D)
             if lowp:
                 p, ds = p.to(q.dtype), ds.to(q.dtype)
