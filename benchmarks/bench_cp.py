@@ -304,9 +304,7 @@ class Bench:
         the issue asks for."""
         a = self.args
         results = {}
-        labels = [("1gpu", 1, None)] + [(m, 1 if m.startswith("1gpu") else self.world, m) for m in modes]
-        for label, world, runner in labels:
-            kern = (runner or "").partition(":")[2] or None
+        for label, world, runner, kern in self._max_len_labels(modes):
 
             def fits(S):
                 ok = self._fits_everywhere(S, H, Hkv, world, runner, kern)
@@ -353,12 +351,9 @@ class Bench:
         NCCL (what stopped the bisection searches on 2 x H200)."""
         a = self.args
         results = {}
-        # "1gpu:triton" in modes: one more one-GPU baseline, with that kernel
-        labels = [("1gpu", 1, None)] + [(m, 1 if m.startswith("1gpu") else self.world, m) for m in modes]
-        for label, world, runner in labels:
+        for label, world, runner, kern in self._max_len_labels(modes):
             step = a.len_step * (2 * self.world if world > 1 else 1)
             xs, peaks, usable = [], [], None
-            kern = (runner or "").partition(":")[2] or None
             for f in (2, 4, 8):
                 S = step * f
                 if world == 1:
@@ -390,6 +385,15 @@ class Bench:
                 if not label.startswith("1gpu"):
                     log(f"  {label}: {s_pred / results['1gpu'][0]:.2f}x the one-GPU length (predicted)")
         return results
+
+    def _max_len_labels(self, modes):
+        """(label, world, mode, kernel) per searched setup: the one-GPU baseline first; a mode
+        "1gpu:<kernel>" is one more one-GPU baseline with that kernel, "ring:triton" a ring with
+        Triton blocks."""
+        out = [("1gpu", 1, None, None)]
+        for m in modes:
+            out.append((m, 1 if m.startswith("1gpu") else self.world, m, m.partition(":")[2] or None))
+        return out
 
     def _peak_bytes(self, fn, S: int):
         """(peak bytes allocated during fn, bytes PyTorch could use); (0, inf) where fn is None.

@@ -184,13 +184,8 @@ def build_model(config=None, attn_implementation: Optional[str] = "sdpa", dtype=
     torch.manual_seed(seed)
     # models built from one config object would share it (and its _attn_implementation)
     config = copy.deepcopy(config)
-    device = torch.device(device)
-    if device.type == "cpu":
-        model = tf.Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-        _spread_weights(model, seed)
-        return model.to(dtype=dtype).eval()
-    # an accelerator: built and drawn there (an 8B model drawn on the host took minutes); the
-    # weights then come from the device's generator, so they differ from a CPU build's
+    # built and drawn on the device itself (an 8B model drawn on the host took minutes); on an
+    # accelerator the weights come from its generator, so they differ from a CPU build's
     with torch.device(device):
         model = tf.Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
     _spread_weights(model, seed)
