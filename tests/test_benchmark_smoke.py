@@ -80,6 +80,7 @@ def test_bench_cp_max_len_prediction():
 def test_check_generate_compile_cpu_smoke():
     """The GPU check of generate's StaticCache compile, in its CPU mode (eager compile backend)."""
     pytest.importorskip("transformers")
-    out = _run([sys.executable, "benchmarks/check_generate_compile.py", "--device", "cpu", "--tokens", "4"])
+    out = _run([sys.executable, "benchmarks/check_generate_compile.py", "--device", "cpu", "--tokens", "4",
+                "--repeats", "1", "--profile"])
     assert "tokens equal to sdpa: True" in out
     assert out.count("'unique_graphs': 1") == 2, out  # one compiled graph for every step, both

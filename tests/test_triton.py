@@ -377,3 +377,32 @@ def test_profile_can_give_the_dq_kernel_its_own_tile(monkeypatch):
     _assert_close("dq", dq, rq, lq, 3, ATOL[torch.float16])
     _assert_close("dk", dk, rk, lk, 3, ATOL[torch.float16])
     assert tbk._config_list(prof, "bwd", 32)[:2] == [32, 16]
+
+
+@pytest.mark.parametrize("name", ["triton", "tiled"])
+def test_row_slice_views_equal_contiguous_copies(name):
+    """The ring hands backends with ``strided_rows`` row slices of (B, S, H, D) tensors as
+    views (batch stride of the full sequence): forward and backward must give exactly what the
+    same rows copied to contiguous memory give (zigzag halves: queries 2nd half, keys 1st)."""
+    from qwen3vl_flash.backends.base import AttnParams, get_backend
+    from qwen3vl_flash.hardware.profiles import profile_for_device
+
+    be = get_backend(name)
+    assert be.strided_rows
+    B, S, H, Hkv, D, h = 2, 96, 4, 2, 64, 48
+    q, dout = _fresh((B, S, H, D), torch.bfloat16, 11), _fresh((B, S, H, D), torch.bfloat16, 12)
+    k, v = _fresh((B, S, Hkv, D), torch.bfloat16, 13), _fresh((B, S, Hkv, D), torch.bfloat16, 14)
+    p = AttnParams(softmax_scale=D ** -0.5, causal=False, profile=profile_for_device(q.device))
+    views = (q[:, h:], k[:, :h], v[:, :h])
+    assert not views[0].is_contiguous()
+    o_view, l_view = be.forward(*views, p)
+    o_copy, l_copy = be.forward(*(t.contiguous() for t in views), p)
+    assert torch.equal(o_view, o_copy) and torch.equal(l_view, l_copy)
+    full_out = torch.zeros_like(q)
+    full_out[:, h:] = o_copy
+    full_lse = torch.zeros(B, H, S, dtype=l_copy.dtype)
+    full_lse[:, :, h:] = l_copy
+    g_view = be.backward(dout[:, h:], *views, full_out[:, h:], full_lse[:, :, h:], p)
+    g_copy = be.backward(dout[:, h:].contiguous(), *(t.contiguous() for t in views), o_copy, l_copy, p)
+    for name_g, a, b in zip(("dq", "dk", "dv"), g_view, g_copy):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name_g

@@ -71,6 +71,9 @@ class AttnRequest:
 class Backend:
     name: str = "?"
     native_autograd: bool = False
+    # forward()/backward() take row slices of (B, S, H, D) tensors as strided views (no copy);
+    # the ring passes views to such backends and contiguous copies to the others
+    strided_rows: bool = False
 
     def check(self, req: AttnRequest) -> Optional[str]:  # pragma: no cover - interface
         """None if this backend can serve ``req``, else a short reason for error messages."""

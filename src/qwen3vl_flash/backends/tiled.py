@@ -249,6 +249,7 @@ def _segments(p: AttnParams):
 class TiledBackend(Backend):
     name = "tiled"
     native_autograd = False
+    strided_rows = True
 
     def check(self, req: AttnRequest) -> Optional[str]:
         return None  # any device, any float dtype, every feature

@@ -204,6 +204,7 @@ def _(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal):
 class TritonBackend(Backend):
     name = "triton"
     native_autograd = False
+    strided_rows = True
 
     def check(self, req: AttnRequest) -> Optional[str]:
         if req.dtype == torch.float64:

@@ -157,16 +157,24 @@ class RingComm:
             self.recv_peer = dist.get_global_rank(group, (rank - 1) % size)
         self._reqs: List = []
 
-    def send_recv(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def send_recv(self, x, out=None):
+        """Post the transfer of ``x`` (a tensor or a tuple of tensors: one P2P op each, so K and
+        V travel without being stacked into a copy); returns the receive buffer(s), ``out`` or
+        new ones shaped like ``x``."""
         if self._reqs:
             raise RuntimeError("RingComm: wait() for the previous transfer first")
-        out = torch.empty_like(x) if out is None else out
-        ops = [
-            dist.P2POp(dist.isend, x, self.send_peer, self.group),
-            dist.P2POp(dist.irecv, out, self.recv_peer, self.group),
-        ]
+        single = isinstance(x, torch.Tensor)
+        xs = (x,) if single else tuple(x)
+        if out is None:
+            outs = tuple(torch.empty_like(t) for t in xs)
+        else:
+            outs = (out,) if single else tuple(out)
+        ops = []
+        for t, o in zip(xs, outs):
+            ops.append(dist.P2POp(dist.isend, t, self.send_peer, self.group))
+            ops.append(dist.P2POp(dist.irecv, o, self.recv_peer, self.group))
         self._reqs = dist.batch_isend_irecv(ops)
-        return out
+        return outs[0] if single else outs
 
     def wait(self) -> None:
         for req in self._reqs:

@@ -35,12 +35,22 @@ def merge_attn_outputs(
     Returns:
         (out, lse) of the union, in ``out``'s and ``lse``'s dtypes. Inputs are not modified.
     """
+    return merge_attn_outputs_(out.clone(), lse.clone(), block_out, block_lse)
+
+
+def merge_attn_outputs_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_attn_outputs` in place: ``out`` and ``lse`` (which may be views, e.g. some
+    query rows of the accumulator) are updated and returned; ``block_out``/``block_lse`` are not
+    modified. One temporary of ``block_out``'s size in ``out``'s dtype, nothing of ``out``'s."""
     block_lse = block_lse.to(lse.dtype)
-    empty = torch.isneginf(block_lse)  # this block adds nothing to these rows
-    # weight of the new block; lse1 = -inf (nothing yet) gives sigmoid(+inf) = 1 exactly
-    w = torch.sigmoid(block_lse - lse)
-    w = torch.where(empty, torch.zeros_like(w), w)
-    new_lse = torch.logaddexp(lse, block_lse)  # logaddexp(-inf, -inf) = -inf, (-inf, x) = x
+    # weight of the new block; lse1 = -inf (nothing yet) gives sigmoid(+inf) = 1 exactly;
+    # rows where this block saw no key get weight 0 and stay bit-for-bit unchanged
+    w = torch.sigmoid(block_lse - lse).masked_fill_(torch.isneginf(block_lse), 0.0)
+    lse.copy_(torch.logaddexp(lse, block_lse))  # logaddexp(-inf, -inf) = -inf, (-inf, x) = x
     w = w.transpose(1, 2).unsqueeze(-1).to(out.dtype)  # (B, H, S) -> (B, S, H, 1)
-    new_out = out - w * (out - block_out.to(out.dtype))
-    return new_out, new_lse
+    # out + w * (block - out): the same bits as out - w * (out - block)
+    d = block_out.to(out.dtype, copy=True)
+    out.add_(d.sub_(out).mul_(w))
+    return out, lse

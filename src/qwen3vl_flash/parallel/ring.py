@@ -3,7 +3,7 @@
 Step s on rank r computes its queries against the K/V block of rank ``src = (r - s) mod W``
 while the block for step s+1 is already in flight (``batch_isend_irecv`` posted before the
 compute, two K/V buffers alternating). Partial outputs are merged by lse in fp32 (fp64 for fp64
-inputs) with :func:`.merge.merge_attn_outputs`.
+inputs) with :func:`.merge.merge_attn_outputs_` (in place).
 
 Which part of a block is computed (local sequence of 2 chunks of c tokens for zigzag)::
 
@@ -32,7 +32,7 @@ from ..backends.base import AttnParams, Backend
 from ..hardware.profiles import profile_for_device
 from ..reference import lse_dtype
 from .comm import RingComm
-from .merge import merge_attn_outputs
+from .merge import merge_attn_outputs_
 
 __all__ = ["ring_attn", "block_plan"]
 
@@ -57,10 +57,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return lse_dtype(dtype)  # float32, float64 for float64
 
 
-def _rows(x: torch.Tensor, sl: slice, dim: int = 1) -> torch.Tensor:
+def _rows(x: torch.Tensor, sl: slice, dim: int = 1, copy: bool = True) -> torch.Tensor:
+    """Some rows of ``x`` along ``dim``: a view for backends that take strided rows
+    (``Backend.strided_rows``), else a contiguous copy."""
     if sl == _ALL:
         return x
-    return x[(slice(None),) * dim + (sl,)].contiguous()
+    view = x[(slice(None),) * dim + (sl,)]
+    return view.contiguous() if copy else view
 
 
 def _params(q: torch.Tensor, scale: float, causal: bool) -> AttnParams:
@@ -68,57 +71,66 @@ def _params(q: torch.Tensor, scale: float, causal: bool) -> AttnParams:
 
 
 def ring_forward(be: Backend, q, k, v, scale: float, causal: bool, layout: str, comm: Optional[RingComm]):
-    """Forward over the ring; returns out (q's dtype) and the global lse (B, H, S)."""
+    """Forward over the ring; returns out (q's dtype) and the global lse (B, H, S).
+
+    Memory beyond the inputs: the fp32 accumulator (out, lse), one K/V receive buffer (two for
+    more than 2 ranks), the block's output and one fp32 temporary of its size (the merge is in
+    place)."""
     W = comm.size if comm is not None else 1
     r = comm.rank if comm is not None else 0
     half = q.shape[1] // 2
     params = {c: _params(q, scale, c) for c in (False, True)}
     acc_t = _acc_dtype(q.dtype)
-    kv = torch.stack([k, v]) if W > 1 else None  # (2, B, S, Hkv, D), one message per step
-    spare = torch.empty_like(kv) if W > 2 else None
+    copy = not getattr(be, "strided_rows", False)
+    kv, spare = (k, v), None  # K and V travel as two messages of one batch: no stacked copy
     out = lse = None
     for step in range(W):
         nxt = comm.send_recv(kv, spare) if step + 1 < W else None
-        kb, vb = (k, v) if step == 0 else (kv[0], kv[1])
         plan = block_plan(step, (r - step) % W, r, causal, layout, half)
         if plan is not None:
             qs, ks, blk_causal = plan
-            bo, bl = be.forward(_rows(q, qs), _rows(kb, ks), _rows(vb, ks), params[blk_causal])
+            bo, bl = be.forward(_rows(q, qs, copy=copy), _rows(kv[0], ks, copy=copy), _rows(kv[1], ks, copy=copy),
+                                params[blk_causal])
             if out is None:  # step 0 covers every query row
                 out, lse = bo.to(acc_t), bl.to(acc_t)
-            elif qs == _ALL:
-                out, lse = merge_attn_outputs(out, lse, bo, bl)
             else:
-                o2, l2 = merge_attn_outputs(out[:, qs], lse[:, :, qs], bo, bl)
-                out[:, qs], lse[:, :, qs] = o2, l2
+                merge_attn_outputs_(_rows(out, qs, copy=False), _rows(lse, qs, dim=2, copy=False), bo, bl)
+            del bo, bl
         if nxt is not None:
             comm.wait()
-            kv, spare = nxt, kv
+            # the buffer just sent is free again: it receives the step after next (never the
+            # caller's own k/v, which step 0 sent)
+            kv, spare = nxt, (kv if step > 0 else None)
+    del kv, spare, nxt
     return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
 
 
 def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bool, layout: str,
                   comm: Optional[RingComm], dkv_comm: Optional[RingComm]):
-    """Backward over the ring with the global out/lse; returns dq, dk, dv in the input dtypes."""
+    """Backward over the ring with the global out/lse; returns dq, dk, dv in the input dtypes.
+
+    Memory beyond the inputs: dq's fp32 accumulator, the travelling fp32 dK/dV accumulator and
+    the one arriving, one K/V receive buffer (two for more than 2 ranks) and one block's
+    gradients (freed before the next block is computed)."""
     W = comm.size if comm is not None else 1
     r = comm.rank if comm is not None else 0
     half = q.shape[1] // 2
     params = {c: _params(q, scale, c) for c in (False, True)}
     acc_t = _acc_dtype(q.dtype)
+    copy = not getattr(be, "strided_rows", False)
     dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
-    kv = torch.stack([k, v]) if W > 1 else None
-    spare = torch.empty_like(kv) if W > 2 else None
+    kv, spare = (k, v), None
     dkv = dkv_spare = dkv_next = None
     for step in range(W):
         nxt = comm.send_recv(kv, spare) if step + 1 < W else None
-        kb, vb = (k, v) if step == 0 else (kv[0], kv[1])
         plan = block_plan(step, (r - step) % W, r, causal, layout, half)
         grads = None
         if plan is not None:
             qs, ks, blk_causal = plan
             grads = be.backward(
-                _rows(dout, qs), _rows(q, qs), _rows(kb, ks), _rows(vb, ks), _rows(out, qs),
-                _rows(lse, qs, dim=2), params[blk_causal],
+                _rows(dout, qs, copy=copy), _rows(q, qs, copy=copy), _rows(kv[0], ks, copy=copy),
+                _rows(kv[1], ks, copy=copy), _rows(out, qs, copy=copy), _rows(lse, qs, dim=2, copy=copy),
+                params[blk_causal],
             )
         # the dk/dv accumulator of the block we hold: fresh at step 0, else the one that arrived
         if step == 0:
@@ -127,22 +139,22 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
             dkv_comm.wait()
             dkv, dkv_spare = dkv_next, dkv
         if grads is not None:
-            dq_b, dk_b, dv_b = grads
-            if qs == _ALL:
-                dq += dq_b
-            else:
-                dq[:, qs] += dq_b
-            dkv[0][:, ks] += dk_b
-            dkv[1][:, ks] += dv_b
+            _rows(dq, qs, copy=False).add_(grads[0])
+            dkv[0][:, ks] += grads[1]
+            dkv[1][:, ks] += grads[2]
+            grads = None  # one block's gradients alive at a time
         if nxt is not None:
             comm.wait()
-            kv, spare = nxt, kv
+            kv, spare = nxt, (kv if step > 0 else None)
         if W > 1:  # pass the accumulator on; after W hops it is back at its owner
             dkv_next = dkv_comm.send_recv(dkv, dkv_spare)
+    del kv, spare, nxt
     if W > 1:
         dkv_comm.wait()
-        dkv = dkv_next
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+        dkv, dkv_spare = dkv_next, None
+        del dkv_next
+    dq = dq.to(q.dtype)  # the fp32 accumulator goes once its copy is made
+    return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class _RingAttnFunction(torch.autograd.Function):
