@@ -351,15 +351,14 @@ class Bench:
         NCCL (what stopped the bisection searches on 2 x H200)."""
         a = self.args
         results = {}
-        for label, world, runner, kern in self._max_len_labels(modes):
+        labels = self._max_len_labels(modes)
+        world_of = {lab: w for lab, w, _, _ in labels}.get
+        for label, world, runner, kern in labels:
             step = a.len_step * (2 * self.world if world > 1 else 1)
             xs, peaks, usable = [], [], None
             for f in (2, 4, 8):
                 S = step * f
-                if world == 1:
-                    fn = (lambda S=S: self.ours_1gpu_once(S, H, Hkv, kern)) if self.rank == 0 else None
-                else:
-                    fn = lambda S=S: self.ours_cp_once(S, H, Hkv, runner)  # noqa: E731
+                fn = self._once(S, H, Hkv, world, runner, kern)
                 pk, us = self._peak_bytes(fn, S)
                 t = torch.tensor([pk, -us], device=DEV, dtype=torch.float64)
                 if world == 1:
@@ -371,7 +370,7 @@ class Bench:
                 usable = -t[1].item() if usable is None else min(usable, -t[1].item())
                 log(f"    {label}: S={S} peak {peaks[-1] / 2**30:.2f} GiB (usable {usable / 2**30:.1f} GiB)")
             s_pred = predict_max_len(xs, peaks, usable)
-            s_try = int(0.95 * s_pred) // step * step
+            s_try = int(a.fit_check * s_pred) // step * step
             ok = self._fits_everywhere(s_try, H, Hkv, world, runner, kern) if s_try > 0 else False
             log(f"  {label}: predicted longest {s_pred:,.0f} tokens (B={a.batch}); "
                 f"{s_try:,} {'fits' if ok else 'DOES NOT FIT'}")
@@ -380,16 +379,19 @@ class Bench:
                                   seqlen=int(s_pred), H=H, Hkv=Hkv, D=a.head_dim, dtype=a.dtype, causal=True,
                                   peak_gb=round(peaks[-1] / 2**30, 3),
                                   status=f"checked {s_try}: {'fits' if ok else 'out of memory'}", **self.meta))
-        if "1gpu" in results:
-            for label, (s_pred, s_try, ok) in results.items():
-                if not label.startswith("1gpu"):
-                    log(f"  {label}: {s_pred / results['1gpu'][0]:.2f}x the one-GPU length (predicted)")
+        base = next(iter(results))  # the one-GPU baseline comes first
+        for label, (s_pred, s_try, ok) in results.items():
+            if world_of(label) > 1 and results[base][0]:
+                log(f"  {label}: {s_pred / results[base][0]:.2f}x the one-GPU length ({base}, predicted)")
         return results
 
     def _max_len_labels(self, modes):
         """(label, world, mode, kernel) per searched setup: the one-GPU baseline first; a mode
         "1gpu:<kernel>" is one more one-GPU baseline with that kernel, "ring:triton" a ring with
-        Triton blocks."""
+        Triton blocks. With ``--model``, "model-1gpu" and "model-cp" instead: the Qwen3-VL text
+        decoder on one GPU, and context-parallel over all (``qf.enable(model, context_parallel=)``)."""
+        if self.args.model:
+            return [("model-1gpu", 1, "model", None), ("model-cp", self.world, "model", None)]
         out = [("1gpu", 1, None, None)]
         for m in modes:
             out.append((m, 1 if m.startswith("1gpu") else self.world, m, m.partition(":")[2] or None))
@@ -415,14 +417,23 @@ class Bench:
         torch.cuda.empty_cache()
         return float(peak), float(usable)
 
-    def _fits_everywhere(self, S, H, Hkv, world, runner, kernel=None) -> bool:
+    def _once(self, S, H, Hkv, world, runner, kernel=None):
+        """One fwd+bwd at global length S for a setup of :meth:`_max_len_labels`; None on the
+        ranks that sit out a one-GPU setup."""
+        if world == 1 and self.rank != 0:
+            return None
+        if runner == "model":
+            return lambda: self.model_once(S, world)
         if world == 1:
-            ok = torch.tensor(0, device=DEV)
-            if self.rank == 0:
-                ok.fill_(int(self._fits(lambda: self.ours_1gpu_once(S, H, Hkv, kernel))))
+            return lambda: self.ours_1gpu_once(S, H, Hkv, kernel)
+        return lambda: self.ours_cp_once(S, H, Hkv, runner)
+
+    def _fits_everywhere(self, S, H, Hkv, world, runner, kernel=None) -> bool:
+        fn = self._once(S, H, Hkv, world, runner, kernel)
+        ok = torch.tensor(int(self._fits(fn)) if fn is not None else 0, device=DEV)
+        if world == 1:
             dist.broadcast(ok, 0)
         else:
-            ok = torch.tensor(int(self._fits(lambda: self.ours_cp_once(S, H, Hkv, runner))), device=DEV)
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
@@ -444,6 +455,43 @@ class Bench:
 
         q, k, v, do = self._qkv_local(S, H, Hkv)
         qf.flash_attn_func(q, k, v, causal=True, backend=backend or self.args.backend).backward(do)
+
+    def _text_model(self):
+        """The Qwen3-VL text decoder of ``--model`` dimensions (``--model-layers`` layers, random
+        bf16 weights, train mode), built once per rank."""
+        if getattr(self, "_model", None) is None:
+            import qwen3vl_flash as qf
+            from qwen3vl_flash.integrations import tiny
+
+            if self.args.model == "tiny":  # the CPU smoke run
+                cfg = tiny.tiny_config(layers=self.args.model_layers, num_heads=4, num_kv_heads=2, head_dim=8)
+            else:
+                cfg = tiny.real_config(self.args.model, layers=self.args.model_layers)
+            full = tiny.build_model(cfg, qf.ATTN_IMPLEMENTATION, dtype=self.dtype, seed=3, device=DEV)
+            self._model = full.model.language_model.train()
+            self._hidden = cfg.text_config.hidden_size
+        return self._model
+
+    def model_once(self, S, world):
+        """Training-style fwd+bwd of the text decoder on a sequence of S tokens (batch
+        ``--batch``; embeddings in, the sum of the last hidden states as the loss: no LM head):
+        on one GPU, or sharded zigzag over all ranks with the attention context-parallel."""
+        import qwen3vl_flash as qf
+        from qwen3vl_flash.parallel import shard
+
+        model = self._text_model()
+        a = self.args
+        qf.enable(model, context_parallel=dist.group.WORLD if world > 1 else None)
+        pos = torch.arange(S, device=DEV).view(1, 1, S).expand(3, a.batch, S)
+        S_loc = S
+        if world > 1:
+            pos = shard(pos, seq_dim=2)
+            S_loc = S // world
+        emb = torch.randn(a.batch, S_loc, self._hidden, device=DEV, dtype=self.dtype)
+        try:
+            model(inputs_embeds=emb, position_ids=pos, use_cache=False).last_hidden_state.sum().backward()
+        finally:
+            model.zero_grad(set_to_none=True)
 
     def ours_cp_once(self, S, H, Hkv, mode):
         from qwen3vl_flash.parallel import context_parallel_attn
@@ -495,6 +543,9 @@ def parse(argv=None):
                    help="predict the longest sequence from peaks at 3 short lengths, then check it once (no OOM tries)")
     p.add_argument("--pg-timeout", type=int, default=0, help="NCCL collective timeout in s (0: torch's default)")
     p.add_argument("--max-len-modes", default="ring", help="modes searched by --max-len (besides one GPU); mode:kernel picks the block kernel")
+    p.add_argument("--fit-check", type=float, default=0.95, help="--max-len-fit checks this fraction of the prediction")
+    p.add_argument("--model", default=None, help="2b|4b|8b (tiny: CPU smoke): --max-len-fit on the Qwen3-VL text decoder instead")
+    p.add_argument("--model-layers", type=int, default=4)
     p.add_argument("--len-step", type=int, default=8192)
     p.add_argument("--len-limit", type=int, default=1 << 21)
     p.add_argument("--warmup", type=int, default=3)

@@ -50,6 +50,17 @@ def test_bench_cp_cpu_smoke(tmp_path):
     assert rows[0].startswith("provider,") and len(rows) > 5
 
 
+def test_bench_cp_model_max_len_cpu_smoke(tmp_path):
+    """The model-level longest-sequence fit (the text decoder, one process vs context-parallel)."""
+    pytest.importorskip("transformers")
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "benchmarks/bench_cp.py",
+                "--device", "cpu", "--seqlens", "", "--dtype", "float32", "--check-len", "0", "--no-mha",
+                "--max-len-fit", "--model", "tiny", "--model-layers", "1", "--len-step", "16",
+                "--csv", str(tmp_path / "cp.csv")], env_extra={"OMP_NUM_THREADS": "1"})
+    assert "model-1gpu: predicted longest 1,024 tokens" in out and "model-cp: predicted longest 1,024" in out
+    assert "model-cp: 1.00x the one-GPU length (model-1gpu, predicted)" in out
+
+
 def test_plot_cp_from_committed_csv(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "cp.png"
