@@ -311,7 +311,7 @@ class Bench:
                 log(f"    {label}: S={S} {'fits' if ok else 'out of memory'}")
                 return ok
 
-            step = a.len_step * (2 * self.world if world > 1 else 1)  # zigzag needs 2*W chunks
+            step = _len_step(a.len_step, world)
             good, bad = 0, None
             S = step
             while S <= a.len_limit:
@@ -354,7 +354,7 @@ class Bench:
         labels = self._max_len_labels(modes)
         world_of = {lab: w for lab, w, _, _ in labels}.get
         for label, world, runner, kern in labels:
-            step = a.len_step * (2 * self.world if world > 1 else 1)
+            step = _len_step(a.len_step, world)
             xs, peaks, usable = [], [], None
             for f in (2, 4, 8):
                 S = step * f
@@ -456,6 +456,58 @@ class Bench:
         q, k, v, do = self._qkv_local(S, H, Hkv)
         qf.flash_attn_func(q, k, v, causal=True, backend=backend or self.args.backend).backward(do)
 
+    def profile(self, S, H, Hkv, mode, kernel):
+        """Where the time of one context-parallel fwd+bwd goes (rank 0's view): GPU kernels by
+        total time over 3 iterations, beside the one-GPU call at the same length, and how much of
+        the wall time the GPU was busy."""
+        from torch.profiler import ProfilerActivity, profile
+
+        import qwen3vl_flash as qf
+        from qwen3vl_flash.parallel import context_parallel_attn
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _cuda() else [])
+
+        def run(fn, n=3):
+            for _ in range(2):
+                fn()
+            _sync()
+            dist.barrier()
+            with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                _sync()
+                wall = (time.perf_counter() - t0) / n * 1e3
+            return prof, wall
+
+        q, k, v, do = self._qkv_local(S // self.world, H, Hkv)
+
+        def cp():
+            q.grad = k.grad = v.grad = None
+            context_parallel_attn(q, k, v, causal=True, mode=mode, backend=kernel).backward(do)
+        prof, wall = run(cp)
+        del q, k, v, do
+        if self.rank == 0:
+            gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1e3
+            log(f"profile {mode}/{kernel} S={S} {H}/{Hkv}: wall {wall:.2f} ms per fwd+bwd, GPU busy {gpu:.2f} ms "
+                f"(kernels summed, incl. NCCL)")
+            log(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
+            q1, k1, v1, do1 = self._qkv_local(S, H, Hkv)
+
+            def one():
+                q1.grad = k1.grad = v1.grad = None
+                qf.flash_attn_func(q1, k1, v1, causal=True, backend=self.args.backend).backward(do1)
+            for _ in range(2):
+                one()
+            _sync()
+            with profile(activities=acts) as p1:
+                for _ in range(3):
+                    one()
+                _sync()
+            log(f"profile 1gpu S={S}:")
+            log(p1.key_averages().table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=70))
+        dist.barrier()
+
     def _text_model(self):
         """The Qwen3-VL text decoder of ``--model`` dimensions (``--model-layers`` layers, random
         bf16 weights, train mode), built once per rank."""
@@ -501,6 +553,13 @@ class Bench:
         context_parallel_attn(q, k, v, causal=True, mode=mode, backend=kernel or "auto").backward(do)
 
 
+def _len_step(step: int, world: int) -> int:
+    """The length step of a search or fit: ``--len-step`` rounded up to a multiple of 2 * world
+    (zigzag cuts the sequence into 2 * world chunks), so one and several GPUs share lengths."""
+    m = 2 * world if world > 1 else 1
+    return -(-step // m) * m
+
+
 def predict_max_len(xs: List[float], peaks: List[float], usable: float) -> float:
     """Least-squares line ``peak = a + b * S`` through the measured points, solved for
     ``peak = usable``; 0 if the peak does not grow with S."""
@@ -543,6 +602,8 @@ def parse(argv=None):
                    help="predict the longest sequence from peaks at 3 short lengths, then check it once (no OOM tries)")
     p.add_argument("--pg-timeout", type=int, default=0, help="NCCL collective timeout in s (0: torch's default)")
     p.add_argument("--max-len-modes", default="ring", help="modes searched by --max-len (besides one GPU); mode:kernel picks the block kernel")
+    p.add_argument("--profile-len", type=int, default=0, help="profile one context-parallel fwd+bwd at this length")
+    p.add_argument("--profile-mode", default="ring", help="mode[:kernel] profiled by --profile-len")
     p.add_argument("--fit-check", type=float, default=0.95, help="--max-len-fit checks this fraction of the prediction")
     p.add_argument("--model", default=None, help="2b|4b|8b (tiny: CPU smoke): --max-len-fit on the Qwen3-VL text decoder instead")
     p.add_argument("--model-layers", type=int, default=4)
@@ -594,6 +655,9 @@ def main(argv=None) -> int:
                 b.torch_1gpu(S, H, kern)
                 if not args.no_torch_cp:
                     b.torch_cp(S, H, kern)
+    if args.profile_len:
+        b.profile(args.profile_len, H, Hkv, args.profile_mode.partition(":")[0],
+                  args.profile_mode.partition(":")[2] or "auto")
     if args.max_len:
         log("longest sequence (ours, GQA, fwd+bwd)")
         b.max_len(H, Hkv, [m for m in args.max_len_modes.split(",") if m])

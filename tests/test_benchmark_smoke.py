@@ -40,8 +40,9 @@ def test_bench_cp_cpu_smoke(tmp_path):
                 "--device", "cpu", "--seqlens", "256", "--dtype", "float32", "--backend", "tiled", "--heads", "4",
                 "--kv-heads", "2", "--head-dim", "16", "--warmup", "0", "--iters", "1", "--kernels", "auto",
                 "--check-len", "128", "--no-mha", "--max-len", "--max-len-fit", "--max-len-modes", "ring,1gpu:tiled",
-                "--len-step", "32", "--len-limit", "256",
+                "--len-step", "32", "--len-limit", "256", "--profile-len", "64",
                 "--csv", str(csv)], env_extra={"OMP_NUM_THREADS": "1"})
+    assert "profile ring/auto S=64" in out and "profile 1gpu S=64" in out
     assert "ring      auto" in out and "ok" in out and "longest fwd+bwd that fits" in out
     # synthetic CPU memory (1 KB per token, 1 MB usable): predicted 1024 tokens, 972 checked
     assert "1gpu: predicted longest 1,024 tokens" in out and "ring: predicted longest 1,024 tokens" in out
