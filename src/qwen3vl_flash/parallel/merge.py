@@ -6,8 +6,8 @@ Attention over keys K = K1 u K2 is a convex combination of the two partial resul
     out   = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse)
           = out1 - sigmoid(lse2 - lse1) * (out1 - out2)        # the stable form
 
-``sigmoid`` never overflows and the update is an interpolation, so accumulating block after block
-in fp32 loses nothing to cancellation (ring-flash-attention's ``update_out_and_lse``). Rows where a
+``sigmoid`` never overflows and the update is an interpolation (``lerp``), so accumulating block
+after block in fp32 loses nothing to cancellation (ring-flash-attention's ``update_out_and_lse``). Rows where a
 block saw no key (``lse2 = -inf``) get weight 0 and stay bit-for-bit unchanged; rows where neither
 side saw a key keep ``out`` (zeros) and ``lse = -inf``, never NaN.
 """
@@ -50,7 +50,7 @@ def merge_attn_outputs_(
     w = torch.sigmoid(block_lse - lse).masked_fill_(torch.isneginf(block_lse), 0.0)
     lse.copy_(torch.logaddexp(lse, block_lse))  # logaddexp(-inf, -inf) = -inf, (-inf, x) = x
     w = w.transpose(1, 2).unsqueeze(-1).to(out.dtype)  # (B, H, S) -> (B, S, H, 1)
-    # out + w * (block - out): the same bits as out - w * (out - block)
-    d = block_out.to(out.dtype, copy=True)
-    out.add_(d.sub_(out).mul_(w))
+    # out + w * (block - out) in one pass (lerp switches to block - (block - out) * (1 - w) for
+    # w >= 0.5: exact at w = 1, and w = 0 leaves out unchanged)
+    out.lerp_(block_out.to(out.dtype), w)
     return out, lse

@@ -92,7 +92,7 @@ def ring_forward(be: Backend, q, k, v, scale: float, causal: bool, layout: str, 
             bo, bl = be.forward(_rows(q, qs, copy=copy), _rows(kv[0], ks, copy=copy), _rows(kv[1], ks, copy=copy),
                                 params[blk_causal])
             if out is None:  # step 0 covers every query row
-                out, lse = bo.to(acc_t), bl.to(acc_t)
+                out, lse = bo.to(acc_t, memory_format=torch.contiguous_format), bl.to(acc_t)
             else:
                 merge_attn_outputs_(_rows(out, qs, copy=False), _rows(lse, qs, dim=2, copy=False), bo, bl)
             del bo, bl
@@ -118,7 +118,7 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
     params = {c: _params(q, scale, c) for c in (False, True)}
     acc_t = _acc_dtype(q.dtype)
     copy = not getattr(be, "strided_rows", False)
-    dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
+    dq = None  # fp32 accumulators, started from the first block's gradients (no zero fill)
     kv, spare = (k, v), None
     dkv = dkv_spare = dkv_next = None
     for step in range(W):
@@ -133,15 +133,25 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
                 params[blk_causal],
             )
         # the dk/dv accumulator of the block we hold: fresh at step 0, else the one that arrived
-        if step == 0:
-            dkv = torch.zeros((2,) + tuple(k.shape), dtype=acc_t, device=k.device)
-        else:
+        if step > 0:
             dkv_comm.wait()
             dkv, dkv_spare = dkv_next, dkv
+        elif grads is None or ks != _ALL:
+            dkv = torch.zeros((2,) + tuple(k.shape), dtype=acc_t, device=k.device)
         if grads is not None:
-            _rows(dq, qs, copy=False).add_(grads[0])
-            dkv[0][:, ks] += grads[1]
-            dkv[1][:, ks] += grads[2]
+            if dq is None and qs == _ALL:
+                dq = grads[0].to(acc_t, memory_format=torch.contiguous_format)
+            else:
+                if dq is None:
+                    dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
+                _rows(dq, qs, copy=False).add_(grads[0])
+            if dkv is None:  # step 0 over every key
+                dkv = torch.empty((2,) + tuple(k.shape), dtype=acc_t, device=k.device)
+                dkv[0].copy_(grads[1])
+                dkv[1].copy_(grads[2])
+            else:
+                dkv[0][:, ks] += grads[1]
+                dkv[1][:, ks] += grads[2]
             grads = None  # one block's gradients alive at a time
         if nxt is not None:
             comm.wait()
@@ -153,6 +163,8 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
         dkv_comm.wait()
         dkv, dkv_spare = dkv_next, None
         del dkv_next
+    if dq is None:  # no block saw any of these queries
+        dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
     dq = dq.to(q.dtype)  # the fp32 accumulator goes once its copy is made
     return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
