@@ -488,9 +488,12 @@ class Bench:
         prof, wall = run(cp)
         del q, k, v, do
         if self.rank == 0:
-            gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1e3
-            log(f"profile {mode}/{kernel} S={S} {H}/{Hkv}: wall {wall:.2f} ms per fwd+bwd, GPU busy {gpu:.2f} ms "
-                f"(kernels summed, incl. NCCL)")
+            from torch.autograd import DeviceType
+
+            gpu = sum(e.self_device_time_total for e in prof.key_averages()
+                      if e.device_type == DeviceType.CUDA) / 3 / 1e3  # kernels only, not the ops above them
+            log(f"profile {mode}/{kernel} S={S} {H}/{Hkv}: wall {wall:.2f} ms per fwd+bwd; GPU kernels {gpu:.2f} ms "
+                f"(summed over all streams, NCCL included)")
             log(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=70))
             q1, k1, v1, do1 = self._qkv_local(S, H, Hkv)
 

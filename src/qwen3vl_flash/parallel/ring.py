@@ -159,13 +159,13 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
         if W > 1:  # pass the accumulator on; after W hops it is back at its owner
             dkv_next = dkv_comm.send_recv(dkv, dkv_spare)
     del kv, spare, nxt
+    if dq is None:  # no block saw any of these queries
+        dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
+    dq = dq.to(q.dtype)  # while the last dK/dV hop is in flight; the fp32 accumulator goes
     if W > 1:
         dkv_comm.wait()
         dkv, dkv_spare = dkv_next, None
         del dkv_next
-    if dq is None:  # no block saw any of these queries
-        dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
-    dq = dq.to(q.dtype)  # the fp32 accumulator goes once its copy is made
     return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
