@@ -138,3 +138,77 @@ def test_kv_head_chunks_is_one_call_off_gpu_and_for_mha():
     q, k = torch.zeros(1, 8, 8, 16), torch.zeros(1, 8, 2, 16)
     assert cudnn_mod.kv_head_chunks(q, k, backward=True) == 1  # CPU tensors
     assert cudnn_mod.kv_head_chunks(q, q, backward=True) == 1  # no GQA repeat
+
+
+def _fake_fwd_gqa(q, k, v, causal, scale):
+    """cuDNN taking GQA K/V as they are: each KV head serves H // Hkv query heads."""
+    g = q.shape[1] // k.shape[1]
+    out, lse = _math(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), causal, scale)
+    return out, lse.unsqueeze(-1).float()
+
+
+def _fake_bwd_gqa(dout, q, k, v, out, lse4, causal, scale):
+    g = q.shape[1] // k.shape[1]
+    dq, dk, dv = _fake_bwd(dout, q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), out, lse4, causal, scale)
+    B, H, S, D = dk.shape
+    return dq, dk.view(B, H // g, g, S, D).sum(2), dv.view(B, H // g, g, S, D).sum(2)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_gqa_without_repeat_where_cudnn_takes_it(monkeypatch, native):
+    """Where the probe says cuDNN takes GQA, K/V reach it with their own head count (no repeat,
+    no group sum) and the result is the same; where it does not, they are repeated."""
+    seen = []
+
+    def fwd(q, k, v, causal, scale):
+        seen.append(k.shape[1])
+        return (_fake_fwd_gqa if native else _fake_fwd)(q, k, v, causal, scale)
+
+    def bwd(dout, q, k, v, out, lse4, causal, scale):
+        seen.append(k.shape[1])
+        return (_fake_bwd_gqa if native else _fake_bwd)(dout, q, k, v, out, lse4, causal, scale)
+
+    monkeypatch.setattr(cudnn_mod, "cudnn_forward_op", fwd)
+    monkeypatch.setattr(cudnn_mod, "cudnn_backward_op", bwd)
+    monkeypatch.setattr(cudnn_mod, "native_gqa", lambda device, dtype: native)
+    torch.manual_seed(7)
+    be = get_backend("cudnn")
+    q, dout = torch.randn(2, 40, 6, 16), torch.randn(2, 40, 6, 16)
+    k, v = torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16)
+    p = AttnParams(softmax_scale=0.25, causal=True)
+    out, lse = be.forward(q, k, v, p)
+    dq, dk, dv = be.backward(dout, q, k, v, out, lse, p)
+    assert seen == ([2, 2] if native else [6, 6])
+    qr, kr, vr = (x.double().requires_grad_() for x in (q, k, v))
+    ref = attention_ref(qr, kr, vr, causal=True, softmax_scale=0.25)
+    ref.backward(dout.double())
+    for got, want in ((out, ref), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
+        torch.testing.assert_close(got.double(), want.detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ops,expect", [
+    ((_fake_fwd_gqa, _fake_bwd_gqa), True),  # takes GQA and agrees with the repeated call
+    ((_fake_fwd, _fake_bwd), False),  # refuses mismatched head counts (raises)
+])
+def test_native_gqa_probe(monkeypatch, ops, expect):
+    monkeypatch.setattr(cudnn_mod, "cudnn_forward_op", ops[0])
+    monkeypatch.setattr(cudnn_mod, "cudnn_backward_op", ops[1])
+    assert cudnn_mod._probe_native_gqa(torch.device("cpu"), torch.float32) is expect
+
+
+def test_native_gqa_probe_rejects_wrong_results(monkeypatch):
+    """A build that runs GQA but reads the wrong KV head for some query heads is not trusted."""
+    def wrong_fwd(q, k, v, causal, scale):
+        g = q.shape[1] // k.shape[1]
+        if g == 1:
+            return _fake_fwd(q, k, v, causal, scale)
+        out, lse = _math(q, k.repeat(1, g, 1, 1), v.repeat(1, g, 1, 1), causal, scale)  # tiled, not interleaved
+        return out, lse.unsqueeze(-1).float()
+
+    monkeypatch.setattr(cudnn_mod, "cudnn_forward_op", wrong_fwd)
+    monkeypatch.setattr(cudnn_mod, "cudnn_backward_op", _fake_bwd_gqa)
+    assert cudnn_mod._probe_native_gqa(torch.device("cpu"), torch.float32) is False
+
+
+def test_native_gqa_is_false_off_gpu():
+    assert cudnn_mod.native_gqa(torch.device("cpu"), torch.bfloat16) is False

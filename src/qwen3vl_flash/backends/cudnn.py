@@ -10,15 +10,16 @@ so :func:`qwen3vl_flash.parallel.context_parallel_attn` uses it by default on Ho
 Limits (``check`` says which one applies): CUDA, fp16/bf16, compute capability >= 8.0,
 head_dim a multiple of 8 up to 128 (sm80) / 256 (sm90), no sliding window, no varlen, and causal
 only when Sq == Sk (cuDNN's causal mask is top-left aligned; ours is bottom-right, the two agree
-only on square blocks, which is what the ring computes). GQA: K/V are repeated across the group
-for the call (cuDNN's entry point has no GQA) and dK/dV are summed back over the group; when that
-repeat would not fit twice in the GPU's free memory, the block runs in KV-head chunks
-(:func:`kv_head_chunks`; not yet measured on a GPU).
+only on square blocks, which is what the ring computes). GQA: where the build's cuDNN attention
+takes K/V with fewer heads as they are (:func:`native_gqa`, probed once; true on torch 2.11 /
+cuDNN 9.19), they are passed as they are. Otherwise K/V are repeated across the group for the
+call and dK/dV summed back over it; when that repeat would not fit twice in the GPU's free
+memory, the block runs in KV-head chunks (:func:`kv_head_chunks`; not yet measured on a GPU).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -67,6 +68,56 @@ def cudnn_backward_op(dout, q, k, v, out, lse4, causal: bool, scale: float):
         scale=scale,
     )
     return res[0], res[1], res[2]
+
+
+_NATIVE_GQA: Dict[Tuple[Optional[int], torch.dtype], bool] = {}
+
+
+def native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this build's cuDNN attention takes K/V with fewer heads than Q (GQA) as they are,
+    so the backend need not repeat them (measured on an H200, torch 2.11 / cuDNN 9.19, 32/8 heads
+    S=32k: forward peak 260 MB instead of 772, outputs and dK/dV bit-identical; see
+    docs/perf/cp.md). Probed once per device and dtype (:func:`_probe_native_gqa`); never while
+    a CUDA graph is being captured (the repeat path is used then, and nothing is cached)."""
+    key = (device.index, dtype)
+    hit = _NATIVE_GQA.get(key)
+    if hit is not None:
+        return hit
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return False
+    ok = _probe_native_gqa(device, dtype)
+    _NATIVE_GQA[key] = ok
+    return ok
+
+
+def _probe_native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
+    """A small causal GQA problem (2 query heads per KV head), forward and backward, with the
+    K/V as they are and repeated: True when the first runs and agrees with the second (dK/dV
+    summed over the group), in the layouts the backend passes ((B, S, H, D) seen heads-first)."""
+    B, S, H, Hkv, D = 1, 128, 4, 2, 64
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, dout = (torch.randn(B, S, H, D, generator=gen).to(device, dtype) for _ in range(2))
+    k, v = (torch.randn(B, S, Hkv, D, generator=gen).to(device, dtype) for _ in range(2))
+    scale = D ** -0.5
+    try:
+        o1, l1 = cudnn_forward_op(_heads_first(q), _heads_first(k), _heads_first(v), True, scale)
+        kr, vr = _repeat_kv(k, H // Hkv), _repeat_kv(v, H // Hkv)
+        o2, l2 = cudnn_forward_op(_heads_first(q), _heads_first(kr), _heads_first(vr), True, scale)
+        g1 = cudnn_backward_op(_heads_first(dout), _heads_first(q), _heads_first(k), _heads_first(v), o1, l1,
+                               True, scale)
+        g2 = cudnn_backward_op(_heads_first(dout), _heads_first(q), _heads_first(kr), _heads_first(vr), o2, l2,
+                               True, scale)
+    except Exception:  # noqa: BLE001 - an older build refusing mismatched heads: repeat instead
+        return False
+    if g1[1].shape != k.transpose(1, 2).shape or g1[2].shape != v.transpose(1, 2).shape:
+        return False
+    dk2 = _sum_group(g2[1].transpose(1, 2), H // Hkv)
+    dv2 = _sum_group(g2[2].transpose(1, 2), H // Hkv)
+    tol = 2e-2  # a few bf16 ulps: cuDNN's dQ accumulates in a nondeterministic order
+    return all(
+        torch.isfinite(a).all().item() and (a.float() - b.float()).abs().max().item() <= tol
+        for a, b in ((o1, o2), (l1, l2), (g1[0], g2[0]), (g1[1].transpose(1, 2), dk2), (g1[2].transpose(1, 2), dv2))
+    )
 
 
 def _split_heads(q, k, v, chunks: int):
@@ -134,7 +185,9 @@ class CudnnBackend(Backend):
     def forward(self, q, k, v, p: AttnParams):
         self._plain(p, q.shape[1], k.shape[1])
         group = q.shape[2] // k.shape[2]
-        chunks = kv_head_chunks(q, k, backward=False)
+        if group > 1 and native_gqa(q.device, q.dtype):
+            group = 1  # cuDNN reads each KV head for its query heads: no repeat
+        chunks = kv_head_chunks(q, k, backward=False) if group > 1 else 1
         if chunks > 1:  # near the memory limit: repeat K/V for a few KV heads at a time
             parts = [self.forward(qc, kc, vc, p) for qc, kc, vc in _split_heads(q, k, v, chunks)]
             return torch.cat([o for o, _ in parts], 2), torch.cat([l for _, l in parts], 1)
@@ -150,7 +203,9 @@ class CudnnBackend(Backend):
     def backward(self, dout, q, k, v, out, lse, p: AttnParams):
         self._plain(p, q.shape[1], k.shape[1])
         group = q.shape[2] // k.shape[2]
-        chunks = kv_head_chunks(q, k, backward=True)
+        if group > 1 and native_gqa(q.device, q.dtype):
+            group = 1  # dK/dV come back per KV head: no repeat, no group sum
+        chunks = kv_head_chunks(q, k, backward=True) if group > 1 else 1
         if chunks > 1:
             h = q.shape[2] // chunks
             grads = [self.backward(dout[:, :, i * h:(i + 1) * h], qc, kc, vc, out[:, :, i * h:(i + 1) * h],
