@@ -77,7 +77,7 @@ def native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this build's cuDNN attention takes K/V with fewer heads than Q (GQA) as they are,
     so the backend need not repeat them (measured on an H200, torch 2.11 / cuDNN 9.19, 32/8 heads
     S=32k: forward peak 260 MB instead of 772, outputs and dK/dV bit-identical; see
-    docs/perf/cp.md). Probed once per device and dtype (:func:`_probe_native_gqa`); never while
+    docs/performance.md). Probed once per device and dtype (:func:`_probe_native_gqa`); never while
     a CUDA graph is being captured (the repeat path is used then, and nothing is cached)."""
     key = (device.index, dtype)
     hit = _NATIVE_GQA.get(key)
