@@ -1,7 +1,7 @@
 """GPU experiment: where does ours' +16 MB of peak memory in StaticCache generate come from
-(docs/performance.md, issue 4)? The prefill alone (``max_new_tokens=1``: no decode step, no
-compile) of a 4k-token prompt on Qwen3-VL-8B dimensions with few layers, StaticCache and
-DynamicCache, sdpa beside ours: peak memory beyond what was allocated before the call.
+(docs/performance.md, issue 4)? ``generate`` after a 4k-token prompt on Qwen3-VL-8B dimensions
+with few layers, StaticCache and DynamicCache, sdpa beside ours: peak memory beyond what was
+allocated before the call. ``--tokens 1`` is the prefill alone (no decode step, no compile).
 
     PYTHONPATH=src python3 benchmarks/experiments/exp_static_peak.py [--layers 2]
 """
@@ -18,6 +18,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=1, help="new tokens (1: the prefill only)")
+    ap.add_argument("--no-compile", action="store_true", help="StaticCache decode steps without generate's compile")
     args = ap.parse_args()
     dev = torch.device("cuda")
     qf.register()
@@ -31,11 +33,12 @@ def main():
                 torch.cuda.empty_cache()
                 start = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                model.generate(**inputs, max_new_tokens=1, do_sample=False, cache_implementation=cache)
+                model.generate(**inputs, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                               cache_implementation=cache, disable_compile=args.no_compile)
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - start) / 2**20
-            print(f"{impl:14s} {cache or 'dynamic':8s} layers {args.layers} prompt {args.prompt}: "
-                  f"prefill peak {peak:8.1f} MB", flush=True)
+            print(f"{impl:14s} {cache or 'dynamic':8s} layers {args.layers} prompt {args.prompt} tokens {args.tokens}"
+                  f"{' (no compile)' if args.no_compile else ''}: peak {peak:8.1f} MB", flush=True)
         del model
 
 
