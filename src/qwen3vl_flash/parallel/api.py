@@ -45,9 +45,12 @@ def choose_mode(num_heads: int, num_kv_heads: int, group=None) -> str:
 
     * one process: "local" (plain attention);
     * a 2-D mesh / (ring, Ulysses) pair: "hybrid";
+    * two ranks: "ring". Its one K/V pass hides behind the first block, and it was faster than
+      Ulysses at every length measured on 2 x H100 and 2 x H200 (GQA 32/8, 32k-128k: by 3-6%;
+      docs/performance.md);
     * Ulysses over the whole group when the heads split over it and the group fits in one node
       (LOCAL_WORLD_SIZE): its four all-to-alls move less than the ring's W-1 K/V passes, and each
-      rank runs one long, efficient kernel;
+      rank runs one long kernel (a choice by traffic: 4 and 8 GPUs are not measured yet);
     * else hybrid with the largest Ulysses degree that fits (heads and node), else "ring".
     """
     topo = resolve_topology(group)
@@ -56,6 +59,8 @@ def choose_mode(num_heads: int, num_kv_heads: int, group=None) -> str:
         return "local"
     if topo.two_dim:
         return "hybrid"
+    if W == 2:
+        return "ring"
     d = _hybrid_degree(num_heads, num_kv_heads, W, proper=False)
     if d == W:
         return "ulysses"
