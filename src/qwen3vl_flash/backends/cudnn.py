@@ -120,6 +120,13 @@ def _probe_native_gqa(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+def _repeats(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many times each KV head is repeated for the call: 1 for MHA, and for GQA where this
+    build's cuDNN reads each KV head for its query heads itself (no repeat, no group sum)."""
+    group = q.shape[2] // k.shape[2]
+    return 1 if group > 1 and native_gqa(q.device, q.dtype) else group
+
+
 def _split_heads(q, k, v, chunks: int):
     """(q, k, v) cut into ``chunks`` consecutive KV-head groups (query heads follow their KV head)."""
     hk = k.shape[2] // chunks
@@ -184,9 +191,7 @@ class CudnnBackend(Backend):
 
     def forward(self, q, k, v, p: AttnParams):
         self._plain(p, q.shape[1], k.shape[1])
-        group = q.shape[2] // k.shape[2]
-        if group > 1 and native_gqa(q.device, q.dtype):
-            group = 1  # cuDNN reads each KV head for its query heads: no repeat
+        group = _repeats(q, k)
         chunks = kv_head_chunks(q, k, backward=False) if group > 1 else 1
         if chunks > 1:  # near the memory limit: repeat K/V for a few KV heads at a time
             parts = [self.forward(qc, kc, vc, p) for qc, kc, vc in _split_heads(q, k, v, chunks)]
@@ -202,9 +207,7 @@ class CudnnBackend(Backend):
 
     def backward(self, dout, q, k, v, out, lse, p: AttnParams):
         self._plain(p, q.shape[1], k.shape[1])
-        group = q.shape[2] // k.shape[2]
-        if group > 1 and native_gqa(q.device, q.dtype):
-            group = 1  # dK/dV come back per KV head: no repeat, no group sum
+        group = _repeats(q, k)
         chunks = kv_head_chunks(q, k, backward=True) if group > 1 else 1
         if chunks > 1:
             h = q.shape[2] // chunks

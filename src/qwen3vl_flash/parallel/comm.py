@@ -146,8 +146,8 @@ def split_groups(topo: CPTopology, ulysses_size: int) -> CPTopology:
 class RingComm:
     """Send to rank+1, receive from rank-1 in a ring group, asynchronously.
 
-    ``send_recv(x)`` posts both transfers with ``batch_isend_irecv`` and returns the buffer that
-    will hold the previous rank's ``x`` once :meth:`wait` returns. Callers post the transfer for
+    ``send_recv(xs)`` posts both transfers with ``batch_isend_irecv`` and returns the buffers that
+    will hold the previous rank's ``xs`` once :meth:`wait` returns. Callers post the transfer for
     step s+1 before computing step s, so communication hides behind compute."""
 
     def __init__(self, group, size: int, rank: int):
@@ -157,24 +157,19 @@ class RingComm:
             self.recv_peer = dist.get_global_rank(group, (rank - 1) % size)
         self._reqs: List = []
 
-    def send_recv(self, x, out=None):
-        """Post the transfer of ``x`` (a tensor or a tuple of tensors: one P2P op each, so K and
-        V travel without being stacked into a copy); returns the receive buffer(s), ``out`` or
-        new ones shaped like ``x``."""
+    def send_recv(self, xs, outs=None):
+        """Post the transfer of the tensors ``xs`` (one P2P op each, in one batch: K and V travel
+        without being stacked into a copy); returns the receive buffers, ``outs`` or new ones
+        shaped like ``xs``."""
         if self._reqs:
             raise RuntimeError("RingComm: wait() for the previous transfer first")
-        single = isinstance(x, torch.Tensor)
-        xs = (x,) if single else tuple(x)
-        if out is None:
-            outs = tuple(torch.empty_like(t) for t in xs)
-        else:
-            outs = (out,) if single else tuple(out)
+        outs = tuple(torch.empty_like(t) for t in xs) if outs is None else tuple(outs)
         ops = []
         for t, o in zip(xs, outs):
             ops.append(dist.P2POp(dist.isend, t, self.send_peer, self.group))
             ops.append(dist.P2POp(dist.irecv, o, self.recv_peer, self.group))
         self._reqs = dist.batch_isend_irecv(ops)
-        return outs[0] if single else outs
+        return outs
 
     def wait(self) -> None:
         for req in self._reqs:

@@ -118,9 +118,9 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
     params = {c: _params(q, scale, c) for c in (False, True)}
     acc_t = _acc_dtype(q.dtype)
     copy = not getattr(be, "strided_rows", False)
-    dq = None  # fp32 accumulators, started from the first block's gradients (no zero fill)
+    dq = dk = dv = None  # fp32 accumulators, started from the first block's gradients
     kv, spare = (k, v), None
-    dkv = dkv_spare = dkv_next = None
+    dkv_spare = dkv_next = None
     for step in range(W):
         nxt = comm.send_recv(kv, spare) if step + 1 < W else None
         plan = block_plan(step, (r - step) % W, r, causal, layout, half)
@@ -132,41 +132,45 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
                 _rows(kv[1], ks, copy=copy), _rows(out, qs, copy=copy), _rows(lse, qs, dim=2, copy=copy),
                 params[blk_causal],
             )
-        # the dk/dv accumulator of the block we hold: fresh at step 0, else the one that arrived
-        if step > 0:
+        if step > 0:  # the dK/dV accumulators of the block we hold (their hop overlapped the block)
             dkv_comm.wait()
-            dkv, dkv_spare = dkv_next, dkv
-        elif grads is None or ks != _ALL:
-            dkv = torch.zeros((2,) + tuple(k.shape), dtype=acc_t, device=k.device)
+            (dk, dv), dkv_spare = dkv_next, (dk, dv)
         if grads is not None:
-            if dq is None and qs == _ALL:
-                dq = grads[0].to(acc_t, memory_format=torch.contiguous_format)
-            else:
-                if dq is None:
-                    dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
-                _rows(dq, qs, copy=False).add_(grads[0])
-            if dkv is None:  # step 0 over every key
-                dkv = torch.empty((2,) + tuple(k.shape), dtype=acc_t, device=k.device)
-                dkv[0].copy_(grads[1])
-                dkv[1].copy_(grads[2])
-            else:
-                dkv[0][:, ks] += grads[1]
-                dkv[1][:, ks] += grads[2]
-            grads = None  # one block's gradients alive at a time
+            gq, gk, gv = grads
+            grads = None
+            dq = _accumulate(dq, q, qs, gq, acc_t)
+            dk = _accumulate(dk, k, ks, gk, acc_t)
+            dv = _accumulate(dv, v, ks, gv, acc_t)
+            del gq, gk, gv  # one block's gradients alive at a time
         if nxt is not None:
             comm.wait()
             kv, spare = nxt, (kv if step > 0 else None)
-        if W > 1:  # pass the accumulator on; after W hops it is back at its owner
-            dkv_next = dkv_comm.send_recv(dkv, dkv_spare)
+        if W > 1:  # pass the accumulators on; after W hops they are back at their owner
+            dk = _accumulate(dk, k, _ALL, None, acc_t)
+            dv = _accumulate(dv, v, _ALL, None, acc_t)
+            dkv_next = dkv_comm.send_recv((dk, dv), dkv_spare)
     del kv, spare, nxt
-    if dq is None:  # no block saw any of these queries
-        dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
-    dq = dq.to(q.dtype)  # while the last dK/dV hop is in flight; the fp32 accumulator goes
+    dq = _accumulate(dq, q, _ALL, None, acc_t).to(q.dtype)  # while the last dK/dV hop is in flight
     if W > 1:
         dkv_comm.wait()
-        dkv, dkv_spare = dkv_next, None
+        (dk, dv), dkv_spare = dkv_next, None
         del dkv_next
-    return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dk = _accumulate(dk, k, _ALL, None, acc_t)
+    dv = _accumulate(dv, v, _ALL, None, acc_t)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _accumulate(acc, like, rows, block, acc_t):
+    """``acc[:, rows] += block`` in ``acc_t``, ``acc`` shaped like ``like``. A missing ``acc``
+    starts as ``block`` itself when the block covers every row (no zero fill), else as zeros;
+    ``block`` None only makes sure ``acc`` exists (no block reached these rows)."""
+    if acc is None:
+        if block is not None and rows == _ALL:
+            return torch.empty(like.shape, dtype=acc_t, device=like.device).copy_(block)  # contiguous
+        acc = torch.zeros(like.shape, dtype=acc_t, device=like.device)
+    if block is not None:
+        _rows(acc, rows, copy=False).add_(block)
+    return acc
 
 
 class _RingAttnFunction(torch.autograd.Function):
