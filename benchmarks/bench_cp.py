@@ -516,7 +516,7 @@ class Bench:
         bf16 weights, train mode), built once per rank."""
         if getattr(self, "_model", None) is None:
             import qwen3vl_flash as qf
-            from qwen3vl_flash.integrations import tiny
+            from qwen3vl_flash.testing import tiny
 
             if self.args.model == "tiny":  # the CPU smoke run
                 cfg = tiny.tiny_config(layers=self.args.model_layers, num_heads=4, num_kv_heads=2, head_dim=8)

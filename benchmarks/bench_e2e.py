@@ -37,7 +37,7 @@ from contextlib import contextmanager
 import torch
 
 import qwen3vl_flash as qf
-from qwen3vl_flash.integrations import tiny
+from qwen3vl_flash.testing import tiny
 
 K = 1024
 ALL_CASES = ["vision-video", "vision-image", "prefill", "decode-dynamic-4k", "decode-dynamic-32k", "decode-static-4k"]

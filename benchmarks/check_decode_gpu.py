@@ -81,7 +81,7 @@ def check_compiled_step(backend: str = "eager", mode=None) -> bool:
     ``mode="reduce-overhead"`` (inductor) is what generate's own compile does: CUDA-graph trees."""
     from transformers import StaticCache
 
-    from qwen3vl_flash.integrations import tiny
+    from qwen3vl_flash.testing import tiny
 
     cfg = tiny.tiny_config()
     toks = {}

@@ -23,7 +23,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import qwen3vl_flash as qf
-from qwen3vl_flash.integrations import tiny
+from qwen3vl_flash.testing import tiny
 
 
 def launch_counts(prof, steps: int):

@@ -47,7 +47,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     import qwen3vl_flash as qf
-    from qwen3vl_flash.integrations import tiny
+    from qwen3vl_flash.testing import tiny
     from qwen3vl_flash.parallel import shard, unshard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 import qwen3vl_flash as qf
 from qwen3vl_flash.hardware.profiles import ENV_PROFILE, select_profile
-from qwen3vl_flash.integrations import tiny
+from qwen3vl_flash.testing import tiny
 from qwen3vl_flash.integrations.qwen3_vl import MRoPE, _rope_settings
 
 M = pytest.importorskip("transformers.models.qwen3_vl.modeling_qwen3_vl")

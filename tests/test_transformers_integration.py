@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import qwen3vl_flash as qf  # noqa: E402
-from qwen3vl_flash.integrations import tiny  # noqa: E402
+from qwen3vl_flash.testing import tiny  # noqa: E402
 from qwen3vl_flash.integrations import transformers as qt  # noqa: E402
 
 NAME = qf.ATTN_IMPLEMENTATION

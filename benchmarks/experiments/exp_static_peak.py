@@ -11,7 +11,7 @@ import argparse
 import torch
 
 import qwen3vl_flash as qf
-from qwen3vl_flash.integrations import tiny
+from qwen3vl_flash.testing import tiny
 
 
 def print_peak_allocations(snap, label, top=8):

@@ -104,7 +104,7 @@ def _run(model, inputs, args, device):
 def main(args) -> int:
     import qwen3vl_flash as qf
     from qwen3vl_flash._optional import require
-    from qwen3vl_flash.integrations import tiny
+    from qwen3vl_flash.testing import tiny
 
     tf = require("transformers", "qwen3vl-flash demo")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -178,7 +178,7 @@ def build_model(config=None, attn_implementation: Optional[str] = "sdpa", dtype=
     from .. import ATTN_IMPLEMENTATION
 
     if attn_implementation == ATTN_IMPLEMENTATION:
-        from .transformers import register
+        from ..integrations.transformers import register
 
         register()
     torch.manual_seed(seed)
