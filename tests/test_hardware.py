@@ -332,3 +332,184 @@ def test_env_backend_override_is_used_by_the_api(monkeypatch):
     monkeypatch.setenv("QWEN3VL_FLASH_BACKEND", "eager")
     qf.flash_attn_func(q, q, q)
     assert calls == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# the Triton tiles: a typed schema with one lookup
+# --------------------------------------------------------------------------------------------
+
+TILE_DIMS = (16, 32, 40, 64, 72, 80, 96, 128, 160, 200, 256)
+SHORT = (0, 1, 1024, 8191)
+LONG = (8192, 16384, 32768)
+ALL = SHORT + LONG
+NO_TILE = [-1, -1, -1, -1]  # autotune (GPU) / the interpreter's tile
+# What the profiles resolved to before the schema (the dict grammar fwd / fwd_d256 / long_from /
+# fwd_long_hd128 / bwd / bwd_d256 read by triton_backend._config_list), computed from that code
+# for every profile, head dim and sequence length: the ops' config lists
+# [BLOCK_M, BLOCK_N, num_warps, num_stages] ("bwd": with the dQ kernel's 4 more where given).
+OLD_TILES = [
+    ("sm61", "fwd", TILE_DIMS, ALL, NO_TILE),
+    ("sm61", "bwd", TILE_DIMS, ALL, NO_TILE),
+    ("sm80", "fwd", (16, 32, 40, 64, 72, 80, 96, 128), ALL, [128, 64, 4, 3]),
+    ("sm80", "bwd", (16, 32, 40, 64, 72, 80, 96, 128), ALL, [64, 64, 4, 2]),
+    ("sm80", "fwd", (160, 200, 256), ALL, [64, 32, 4, 2]),
+    ("sm80", "bwd", (160, 200, 256), ALL, [32, 32, 4, 1]),
+    ("sm90", "fwd", (16, 32, 40, 64, 72, 80, 96, 128), SHORT, [64, 64, 4, 3]),
+    ("sm90", "fwd", (16, 32, 40, 64, 72, 80, 96), LONG, [64, 64, 4, 3]),
+    ("sm90", "fwd", (128,), LONG, [128, 128, 8, 3]),
+    ("sm90", "bwd", (16, 32, 40, 64, 72, 80, 96, 128), ALL, [64, 64, 4, 2]),
+    ("sm90", "fwd", (160, 200, 256), ALL, [64, 64, 4, 2]),
+    ("sm90", "bwd", (160, 200, 256), ALL, [32, 64, 4, 1]),
+    ("generic-gpu", "fwd", TILE_DIMS, ALL, [64, 64, 4, 2]),
+    ("generic-gpu", "bwd", TILE_DIMS, ALL, NO_TILE),
+    ("i5-10210u", "fwd", TILE_DIMS, ALL, NO_TILE),
+    ("i5-10210u", "bwd", TILE_DIMS, ALL, NO_TILE),
+    ("generic-cpu", "fwd", TILE_DIMS, ALL, NO_TILE),
+    ("generic-cpu", "bwd", TILE_DIMS, ALL, NO_TILE),
+]
+OLD_DECODE = {"waves": 2, "min_chunk": 256, "min_chunk_per_row": 32, "max_splits": 64,
+              "block_n": {16: 64, 32: 64, 64: 64, 128: 64, 256: 32}, "num_warps": 4, "num_stages": 3,
+              "merge_num_warps": 4, "fuse_merge_max_rows": 0}
+# the launchers' former module constants (triton_fwd.AUTOTUNE_FWD / INTERPRET_CONFIG, triton_bwd.AUTOTUNE_BWD)
+OLD_AUTOTUNE_FWD = [[128, 64, 4, 3], [128, 128, 8, 3], [64, 64, 4, 2], [128, 64, 8, 2]]
+OLD_AUTOTUNE_BWD = [[64, 64, 4, 2], [64, 128, 8, 2], [128, 64, 8, 2], [32, 64, 4, 3]]
+
+
+def test_every_profile_resolves_the_tiles_it_did_before():
+    from qwen3vl_flash.backends.triton_backend import _bwd_config_list, _config_list
+
+    expected = {}
+    for name, kind, dims, seqlens, cfg in OLD_TILES:
+        for d in dims:
+            for s in seqlens:
+                assert (name, kind, d, s) not in expected
+                expected[name, kind, d, s] = cfg
+    assert set(expected) == {(n, k, d, s) for n in PROFILES for k in ("fwd", "bwd") for d in TILE_DIMS for s in ALL}
+    for (name, kind, d, s), cfg in expected.items():
+        prof = PROFILES[name]
+        got = _config_list(prof, "fwd", d, s) if kind == "fwd" else _bwd_config_list(prof, d)
+        assert got == cfg, (name, kind, d, s)
+        tile = prof.triton.lookup(kind, d, s)
+        assert (tile.as_list() if tile is not None else NO_TILE) == cfg[:4]
+
+
+def test_every_profile_keeps_its_launch_and_decode_data():
+    import dataclasses
+
+    for prof in PROFILES.values():
+        tri = prof.triton
+        assert tri.head_split == "split"
+        assert [t.as_list() for t in tri.autotune_fwd] == OLD_AUTOTUNE_FWD
+        assert [t.as_list() for t in tri.autotune_bwd] == OLD_AUTOTUNE_BWD
+        assert tri.interpret.as_config() == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        assert tri.preprocess_block_m == 64 and tri.reverse_m is False
+        dec = dataclasses.asdict(tri.decode)
+        assert dec.pop("block_n_other") == 32 and dec == OLD_DECODE
+        for d in (16, 32, 64, 128, 256):
+            assert tri.decode.keys_per_tile(d) == OLD_DECODE["block_n"][d]
+        assert prof.cp_order == (("cudnn", "triton", "tiled") if prof.device_type == "cuda" else ("tiled",))
+
+
+def test_dq_tile_needs_a_backward_tile():
+    from qwen3vl_flash.backends.triton_backend import _bwd_config_list
+    from qwen3vl_flash.hardware.profiles import KernelTile, TritonTiles
+
+    tiles = TritonTiles(bwd=KernelTile(32, 16, 4, 1), bwd_dq_by_dim={32: KernelTile(16, 32, 4, 1)})
+    prof = PROFILES["generic-cpu"].replace(triton=tiles)
+    assert _bwd_config_list(prof, 32) == [32, 16, 4, 1, 16, 32, 4, 1]
+    assert _bwd_config_list(prof, 20) == [32, 16, 4, 1, 16, 32, 4, 1]  # padded to 32
+    assert _bwd_config_list(prof, 64) == [32, 16, 4, 1]
+    no_bwd = prof.replace(triton=TritonTiles(bwd_dq_by_dim={32: KernelTile(16, 32, 4, 1)}))
+    assert _bwd_config_list(no_bwd, 32) == NO_TILE  # both kernels autotune
+    with pytest.raises(ValueError, match="kind"):
+        tiles.lookup("bwd_dkdv", 32)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda m: m.TritonTiles(fwd_d256=m.KernelTile(64, 32)), "fwd_d256"),  # the old dict key
+        (lambda m: m.TritonTiles(long_from=8192), "long_from"),
+        (lambda m: m.KernelTile(64, 64, num_warp=4), "num_warp"),
+        (lambda m: m.DecodeTiles(wave=3), "wave"),
+        (lambda m: m.PROFILES["sm90"].triton.replace(bwd_dq_d128=None), "bwd_dq_d128"),
+        (lambda m: m.PROFILES["sm90"].triton.decode.replace(min_chunks=16), "min_chunks"),
+        (lambda m: m.PROFILES["sm90"].replace(trition=None), "trition"),
+    ],
+)
+def test_unknown_tile_field_raises_with_its_name(make, name):
+    with pytest.raises(TypeError, match=name):
+        make(profiles_mod)
+
+
+@pytest.mark.parametrize(
+    "make, where",
+    [
+        (lambda m: m.PROFILES["sm90"].replace(triton={"fwd": {"BLOCK_M": 64, "BLOCK_N": 64}}), "TileProfile.triton"),
+        (lambda m: m.TritonTiles(fwd={"BLOCK_M": 64, "BLOCK_N": 64}), "TritonTiles.fwd"),
+        (lambda m: m.TritonTiles(fwd_by_dim={72: m.KernelTile(64, 64)}), "TritonTiles.fwd_by_dim key"),
+        (lambda m: m.TritonTiles(bwd_by_dim={128: {"BLOCK_M": 64}}), r"TritonTiles.bwd_by_dim\[128\]"),
+        (lambda m: m.TritonTiles(fwd_long_by_dim={128: m.KernelTile(128, 128, 8, 3)}), "fwd_long_from"),
+        (lambda m: m.TritonTiles(head_split="padded"), "head_split"),
+        (lambda m: m.TritonTiles(autotune_fwd=()), "autotune_fwd"),
+        (lambda m: m.TritonTiles(decode={"waves": 3}), "TritonTiles.decode"),
+        (lambda m: m.DecodeTiles(block_n={100: 16}), "DecodeTiles.block_n key"),
+        (lambda m: m.DecodeTiles(block_n={128: 24}), r"DecodeTiles.block_n\[128\]"),
+        (lambda m: m.DecodeTiles(waves=0), "DecodeTiles.waves"),
+        (lambda m: m.KernelTile(48, 64), "KernelTile.block_m"),
+        (lambda m: m.KernelTile(64, 64, num_stages=0), "KernelTile.num_stages"),
+    ],
+)
+def test_malformed_tile_data_raises_with_its_place(make, where):
+    with pytest.raises(TypeError, match=where):
+        make(profiles_mod)
+
+
+def test_typed_overrides_are_copies():
+    import dataclasses
+
+    from qwen3vl_flash.hardware.profiles import KernelTile
+
+    base = PROFILES["sm90"]
+    prof = base.replace(name="tuned", triton=base.triton.replace(decode=base.triton.decode.replace(waves=3)))
+    assert prof.triton.decode.waves == 3 and base.triton.decode.waves == 2
+    assert prof.triton.fwd == base.triton.fwd  # everything else kept
+    same = dataclasses.replace(base.triton, decode=dataclasses.replace(base.triton.decode, waves=3))
+    assert same == prof.triton
+    tile = base.triton.replace(fwd=KernelTile(16, 16, 4, 1))
+    assert tile.lookup("fwd", 64) == KernelTile(16, 16, 4, 1) and tile.lookup("fwd", 128, 16384).block_m == 128
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.triton.fwd = KernelTile(16, 16)
+
+
+def test_order_rules_are_profile_data():
+    """auto's order (per dtype, varlen) and the short-key rule for tiled come from the profile."""
+    gpu = {"default": ("sdpa", "triton", "tiled", "eager"), "varlen": ("triton", "sdpa", "tiled", "eager")}
+    for prof in PROFILES.values():
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            for varlen in (False, True):
+                for sk in (None, 1, 255, 256, 4096):  # as before: tiled is already next to last
+                    got = prof.order_for(dtype, varlen, seqlen_k=sk)
+                    if prof.name in ("sm80", "sm90", "generic-gpu"):
+                        assert got == gpu["varlen" if varlen else "default"]
+                    else:
+                        assert got == ("sdpa", "tiled", "eager")
+    custom = PROFILES["generic-cpu"].replace(auto_order={"default": ("tiled", "sdpa", "eager")}, tiled_min_seqlen=256)
+    assert custom.order_for(torch.float32, seqlen_k=100) == ("sdpa", "tiled", "eager")
+    assert custom.order_for(torch.float32, seqlen_k=256) == ("tiled", "sdpa", "eager")
+    assert custom.order_for(torch.float32) == ("tiled", "sdpa", "eager")
+    no_eager = custom.replace(auto_order={"default": ("tiled", "sdpa")})
+    assert no_eager.order_for(torch.float32, seqlen_k=1) == ("sdpa", "tiled")
+    short = _req("cpu", None, torch.float32, seqlen_q=1, seqlen_k=100)
+    assert [b.name for b in choose_backend(short, "auto", custom)][-2:] == ["tiled", "eager"]
+
+
+def test_context_parallel_kernel_order_comes_from_the_profile(monkeypatch):
+    from qwen3vl_flash.parallel import api as cp_api
+
+    q = torch.randn(1, 8, 2, 16)
+    assert cp_api.choose_kernel(q, 2, True).name == "tiled"
+    custom = PROFILES["generic-cpu"].replace(cp_order=("eager", "tiled"))
+    monkeypatch.setattr(cp_api, "profile_for_device", lambda device: custom)
+    with pytest.raises(ValueError, match="'eager' cannot run context parallelism"):
+        cp_api.choose_kernel(q, 2, True)

@@ -13,34 +13,43 @@ Where it runs: CUDA GPUs of compute capability >= 8.0 (Ampere, Ada, Hopper), and
 under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is first imported; slow,
 for tests). dtypes: fp16 and bf16 (fp32 accumulation); fp32 with full-precision dots (no tf32);
 float64 is refused (``auto`` then falls to ``tiled``). head_dim up to 256; non-powers of two are
-split into two tensor-core dots (72 = 64 + 16, see :func:`.triton_fwd.split_head_dim`).
+split into two tensor-core dots (72 = 64 + 16, see :func:`.triton_common.split_head_dim`).
 
-Tiles come from ``profile.triton`` (data, :mod:`qwen3vl_flash.hardware.profiles`)::
+Tiles come from ``profile.triton``, a :class:`~qwen3vl_flash.hardware.profiles.TritonTiles`
+(typed data, :mod:`qwen3vl_flash.hardware.profiles`)::
 
-    {"fwd": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-     "fwd_d256": {...},            # optional per padded-head-dim override (d64, d128, d256)
-     "bwd": {...}, "bwd_d256": {...},
-     "head_split": "split"}        # or "pad"
+    TritonTiles(
+        fwd=KernelTile(64, 64, num_warps=4, num_stages=3),           # BLOCK_M, BLOCK_N
+        fwd_by_dim={256: KernelTile(64, 64, 4, 2)},                  # per padded head dim
+        fwd_long_from=8192, fwd_long_by_dim={128: KernelTile(128, 128, 8, 3)},  # long sequences
+        bwd=KernelTile(64, 64, 4, 2), bwd_by_dim={...},              # the dK/dV kernel (and dQ)
+        bwd_dq_by_dim={...},                                         # the dQ kernel's own tile
+        head_split="split")                                          # or "pad"
 
-A missing entry means: autotune once over a short pruned list on GPU (cached per shape class),
-or the interpreter's small tiles on CPU.
+resolved by ``TritonTiles.lookup(kind, head_dim, seqlen)`` into the ops' ``config`` list. No tile
+for a call means: autotune once over the profile's ``autotune_fwd`` / ``autotune_bwd`` on GPU
+(cached per shape class), or the interpreter's tile (``interpret``) on CPU; those launch-level
+fields (and ``reverse_m``, ``preprocess_block_m``) are read inside the ops from the device's
+profile (:func:`~qwen3vl_flash.hardware.profiles.profile_for_device`), as the decode op's tiles.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from .._optional import require
+from ..conventions import MAX_HEAD_DIM
+from ..hardware.profiles import TritonTiles, profile_for_device
 from .base import AttnParams, AttnRequest, Backend, register_backend
+from .triton_common import interpreting
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 MIN_CAPABILITY = (8, 0)
 _NO_CONFIG = [-1, -1, -1, -1]
+_NO_TILES = TritonTiles()  # a profile without Triton tiles: every kernel autotunes
 
 
 # Looked up once at import (without importing triton), so check() stays traceable by dynamo.
@@ -51,28 +60,23 @@ def _triton_available() -> bool:
     return _TRITON_FOUND
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _pow2_key(head_dim: int) -> str:
-    return f"d{1 << max(4, (head_dim - 1).bit_length())}"
+def _tiles(profile) -> TritonTiles:
+    return getattr(profile, "triton", None) or _NO_TILES
 
 
 def _config_list(profile, kind: str, head_dim: int, seqlen: int = 0) -> List[int]:
-    """[BLOCK_M, BLOCK_N, num_warps, num_stages] from the profile, or -1s (= autotune).
+    """The op's ``config`` for kernel ``kind`` ("fwd", "bwd", "bwd_dq"): [BLOCK_M, BLOCK_N,
+    num_warps, num_stages] of ``profile.triton.lookup(kind, head_dim, seqlen)``, or -1s (= autotune)."""
+    tile = _tiles(profile).lookup(kind, head_dim, seqlen)
+    return list(_NO_CONFIG) if tile is None else tile.as_list()
 
-    Lookup order: ``{kind}_long_hd{head_dim}`` when ``seqlen >= long_from`` (a tile measured
-    better for long sequences at exactly that head dim), ``{kind}_d{pow2}``, ``{kind}``."""
-    tri = getattr(profile, "triton", None) or {}
-    cfg = None
-    long_from = tri.get("long_from")
-    if long_from and seqlen >= int(long_from):
-        cfg = tri.get(f"{kind}_long_hd{head_dim}")
-    cfg = cfg or tri.get(f"{kind}_{_pow2_key(head_dim)}") or tri.get(kind)
-    if not cfg:
-        return list(_NO_CONFIG)
-    return [int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"]), int(cfg.get("num_warps", 4)), int(cfg.get("num_stages", 2))]
+
+def _bwd_config_list(profile, head_dim: int) -> List[int]:
+    """The backward op's ``config``: the dK/dV kernel's 4 ints, then the dQ kernel's own 4 where
+    the profile has one (8 in all)."""
+    cfg = _config_list(profile, "bwd", head_dim)
+    dq = _tiles(profile).lookup("bwd_dq", head_dim)
+    return cfg if dq is None else cfg + dq.as_list()
 
 
 def _config_dict(c: List[int]) -> Optional[dict]:
@@ -81,9 +85,10 @@ def _config_dict(c: List[int]) -> Optional[dict]:
     return {"BLOCK_M": c[0], "BLOCK_N": c[1], "num_warps": c[2], "num_stages": c[3]}
 
 
-def _head_split(profile) -> str:
-    tri = getattr(profile, "triton", None) or {}
-    return str(tri.get("head_split", "split"))
+def _device_tiles(q: torch.Tensor) -> TritonTiles:
+    """The launch-level tiles (autotune lists, interpreter tile, reverse_m, preprocess block) of
+    the device's profile: the ops take no profile argument (their schema is fixed)."""
+    return _tiles(profile_for_device(q.device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,13 +113,13 @@ def triton_fwd_op(
     head_split: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out like q, lse float32 (B, H, Sq) dense / (H, Tq) varlen). config: [BLOCK_M, BLOCK_N,
-    num_warps, num_stages], -1s to autotune."""
+    num_warps, num_stages], -1s to autotune (over the device profile's ``triton.autotune_fwd``)."""
     require("triton", "backend='triton'")
     from .triton_fwd import attention_forward
 
     return attention_forward(
         q, k, v, softmax_scale, causal, (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, config=_config_dict(config), head_split=head_split,
+        max_seqlen_q, max_seqlen_k, config=_config_dict(config), head_split=head_split, tiles=_device_tiles(q),
     )
 
 
@@ -148,7 +153,8 @@ def triton_bwd_op(
     config: List[int],
     head_split: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) shaped like (q, k, v). config: 4 ints for both kernels, or 8 (dK/dV, then dQ)."""
+    """(dq, dk, dv) shaped like (q, k, v). config: 4 ints for both kernels, or 8 (dK/dV, then dQ);
+    -1s to autotune (over the device profile's ``triton.autotune_bwd``)."""
     require("triton", "backend='triton'")
     from .triton_bwd import attention_backward
 
@@ -156,6 +162,7 @@ def triton_bwd_op(
         dout, q, k, v, out, lse, softmax_scale, causal, (window_left, window_right),
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config=_config_dict(config[:4]),
         config_dq=_config_dict(config[4:8]) if len(config) == 8 else None, head_split=head_split,
+        tiles=_device_tiles(q),
     )
 
 
@@ -180,7 +187,6 @@ def triton_decode_op(
     aligned to cache_seqlens. Returns (out like q, lse float32 (B, H, Sq)). An opaque op, so
     torch.compile traces a decode step through it (no host syncs inside: CUDA-graph capturable)."""
     require("triton", "the Triton decode path")
-    from ..hardware.profiles import profile_for_device
     from . import triton_decode
 
     p = AttnParams(softmax_scale, causal, profile=profile_for_device(q.device))
@@ -224,7 +230,7 @@ class TritonBackend(Backend):
                 )
             return None
         if req.device_type == "cpu":
-            if not _interpreting():
+            if not interpreting():
                 return "CPU tensors run through Triton only under its interpreter (set TRITON_INTERPRET=1)"
             return None
         return f"device type {req.device_type!r} is not supported by the Triton kernels"
@@ -240,16 +246,11 @@ class TritonBackend(Backend):
     def forward(self, q, k, v, p: AttnParams):
         seqlen = max(p.max_seqlen_q, p.max_seqlen_k) if p.varlen else max(q.shape[1], k.shape[1])
         cfg = _config_list(p.profile, "fwd", q.shape[-1], seqlen)
-        return triton_fwd_op(q, k, v, *self._common(q, p), cfg, _head_split(p.profile))
+        return triton_fwd_op(q, k, v, *self._common(q, p), cfg, _tiles(p.profile).head_split)
 
     def backward(self, dout, q, k, v, out, lse, p: AttnParams):
-        cfg = _config_list(p.profile, "bwd", q.shape[-1])
-        tri = getattr(p.profile, "triton", None) or {}
-        dq_cfg = tri.get(f"bwd_dq_{_pow2_key(q.shape[-1])}")  # the dQ kernel's own tile, per head dim
-        if cfg[0] > 0 and dq_cfg:
-            cfg = cfg + [int(dq_cfg["BLOCK_M"]), int(dq_cfg["BLOCK_N"]), int(dq_cfg.get("num_warps", 4)),
-                         int(dq_cfg.get("num_stages", 2))]
-        return triton_bwd_op(dout, q, k, v, out, lse, *self._common(q, p), cfg, _head_split(p.profile))
+        cfg = _bwd_config_list(p.profile, q.shape[-1])
+        return triton_bwd_op(dout, q, k, v, out, lse, *self._common(q, p), cfg, _tiles(p.profile).head_split)
 
     # -- decode (flash_attn_with_kvcache): delegated to the split-KV kernels in triton_decode.py
     def kvcache_check(self, q, k_cache, p: AttnParams) -> Optional[str]:

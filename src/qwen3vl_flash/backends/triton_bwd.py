@@ -24,29 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import (
-    DEBUG_POISON,
-    INTERPRET_CONFIG,
-    LOG2E,
-    _autotune,
-    _block_ranges,
-    _contig_last,
-    _dot,
-    _layout,
-    _load2d,
-    dot_precision,
-    effective_split,
-    split_head_dim,
-    fold_window,
-    next_pow2,
-)
+from ..conventions import fold_window
+from ..hardware.profiles import TritonTiles
+from . import triton_common as tc
+from .triton_common import LOG2E, block_ranges, dot, load2d
 
-AUTOTUNE_BWD = [
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-]
+# Tiles for calls that bring none (autotune list, the interpreter's tile, the preprocess block):
+# the profile's TritonTiles (hardware.profiles), or the schema's defaults when the caller gives none.
+_DEFAULT_TILES = TritonTiles()
 
 
 @triton.jit
@@ -58,6 +43,7 @@ def _bwd_preprocess(
     seqlen_q, num_heads,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
 ):
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -84,7 +70,7 @@ def _load_lse2(Lse, lse_base, rows, row_ok):
     """lse in log2 units; +inf for padding rows and rows that saw no key, so exp2(s - lse2) = 0."""
     lse = tl.load(Lse + lse_base + rows, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    return lse * 1.4426950408889634
+    return lse * LOG2E
 
 
 @triton.jit
@@ -106,13 +92,13 @@ def _dkdv_inner(
         rows = start_m + offs_mb
         m_ok = rows < seqlen_q
         # -- s^T = k q^T  (N, M)
-        q0t = _load2d(q_base + rows[None, :] * stride_qs + offs_d0[:, None],  # (D0, M)
-                      m_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
-        st = _dot(k0, q0t, None, DOT_PREC)
+        q0t = load2d(q_base + rows[None, :] * stride_qs + offs_d0[:, None],  # (D0, M)
+                     m_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
+        st = dot(k0, q0t, None, DOT_PREC)
         if BLOCK_D1 > 0:
-            q1t = _load2d(q_base + rows[None, :] * stride_qs + offs_d1[:, None],
-                          m_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
-            st = _dot(k1, q1t, st, DOT_PREC)
+            q1t = load2d(q_base + rows[None, :] * stride_qs + offs_d1[:, None],
+                         m_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
+            st = dot(k1, q1t, st, DOT_PREC)
         lse2 = _load_lse2(Lse, lse_base, rows, m_ok)
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
         if MASK:
@@ -123,23 +109,23 @@ def _dkdv_inner(
                 vis = vis & (offs_n[:, None] >= rows[None, :] + off - window_left)
             pt = tl.where(vis, pt, 0.0)
         # -- dV += P^T dO
-        do0 = _load2d(do_base + rows[:, None] * stride_dos + offs_d0[None, :],  # (M, D0)
-                      m_ok[:, None], d0_ok[None, :], MASK, MASK_D0)
+        do0 = load2d(do_base + rows[:, None] * stride_dos + offs_d0[None, :],  # (M, D0)
+                     m_ok[:, None], d0_ok[None, :], MASK, MASK_D0)
         pt_lo = pt.to(do0.dtype)
-        dv0 = _dot(pt_lo, do0, dv0, DOT_PREC)
+        dv0 = dot(pt_lo, do0, dv0, DOT_PREC)
         # -- dP^T = V dO^T
-        dpt = _dot(v0, tl.trans(do0), None, DOT_PREC)
+        dpt = dot(v0, tl.trans(do0), None, DOT_PREC)
         if BLOCK_D1 > 0:
-            do1 = _load2d(do_base + rows[:, None] * stride_dos + offs_d1[None, :],
-                          m_ok[:, None], d1_ok[None, :], MASK, MASK_D1)
-            dv1 = _dot(pt_lo, do1, dv1, DOT_PREC)
-            dpt = _dot(v1, tl.trans(do1), dpt, DOT_PREC)
+            do1 = load2d(do_base + rows[:, None] * stride_dos + offs_d1[None, :],
+                         m_ok[:, None], d1_ok[None, :], MASK, MASK_D1)
+            dv1 = dot(pt_lo, do1, dv1, DOT_PREC)
+            dpt = dot(v1, tl.trans(do1), dpt, DOT_PREC)
         # -- dS^T = P^T * (dP^T - delta);  dK += dS^T q  (scale applied once at the end)
         delta = tl.load(Delta + lse_base + rows, mask=m_ok, other=0.0)
         dst = (pt * (dpt - delta[None, :])).to(q0t.dtype)
-        dk0 = _dot(dst, tl.trans(q0t), dk0, DOT_PREC)
+        dk0 = dot(dst, tl.trans(q0t), dk0, DOT_PREC)
         if BLOCK_D1 > 0:
-            dk1 = _dot(dst, tl.trans(q1t), dk1, DOT_PREC)
+            dk1 = dot(dst, tl.trans(q1t), dk1, DOT_PREC)
     return dk0, dk1, dv0, dv1
 
 
@@ -159,6 +145,8 @@ def _bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    tl.static_assert(BLOCK_D0 >= 16)
+    tl.static_assert(BLOCK_D0 + BLOCK_D1 >= HEAD_DIM)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_kv_heads
@@ -273,19 +261,19 @@ def _dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_nb
         n_ok = cols < seqlen_k
-        k0t = _load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
-                      n_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
-        v0t = _load2d(v_base + cols[None, :] * stride_vs + offs_d0[:, None],
-                      n_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
-        s = _dot(q0, k0t, None, DOT_PREC)
-        dp = _dot(do0, v0t, None, DOT_PREC)
+        k0t = load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
+                     n_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
+        v0t = load2d(v_base + cols[None, :] * stride_vs + offs_d0[:, None],
+                     n_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
+        s = dot(q0, k0t, None, DOT_PREC)
+        dp = dot(do0, v0t, None, DOT_PREC)
         if BLOCK_D1 > 0:
-            k1t = _load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
-                          n_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
-            v1t = _load2d(v_base + cols[None, :] * stride_vs + offs_d1[:, None],
-                          n_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
-            s = _dot(q1, k1t, s, DOT_PREC)
-            dp = _dot(do1, v1t, dp, DOT_PREC)
+            k1t = load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
+                         n_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
+            v1t = load2d(v_base + cols[None, :] * stride_vs + offs_d1[:, None],
+                         n_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
+            s = dot(q1, k1t, s, DOT_PREC)
+            dp = dot(do1, v1t, dp, DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASK:
             vis = n_ok[None, :]
@@ -296,9 +284,9 @@ def _dq_inner(
             p = tl.where(vis, p, 0.0)
         # -- dS = P * (dP - delta);  dQ += dS k
         ds = (p * (dp - delta[:, None])).to(k0t.dtype)
-        dq0 = _dot(ds, tl.trans(k0t), dq0, DOT_PREC)
+        dq0 = dot(ds, tl.trans(k0t), dq0, DOT_PREC)
         if BLOCK_D1 > 0:
-            dq1 = _dot(ds, tl.trans(k1t), dq1, DOT_PREC)
+            dq1 = dot(ds, tl.trans(k1t), dq1, DOT_PREC)
     return dq0, dq1
 
 
@@ -318,6 +306,8 @@ def _bwd_dq(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     REVERSE_M: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    tl.static_assert(BLOCK_D0 >= 16)
+    tl.static_assert(BLOCK_D0 + BLOCK_D1 >= HEAD_DIM)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -361,8 +351,8 @@ def _bwd_dq(
     lse2 = _load_lse2(Lse, lse_base, offs_m, m_ok)
     delta = tl.load(Delta + lse_base + offs_m, mask=m_ok, other=0.0)
 
-    lo, full_lo, full_hi, hi = _block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
-                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, full_lo, full_hi, hi = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     off = seqlen_k - seqlen_q
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_base, v_base, stride_ks, stride_vs,
                          lo, full_lo, offs_m, seqlen_k, off, window_left, window_right, qk_scale,
@@ -403,14 +393,18 @@ def attention_backward(
     config: Optional[dict] = None,
     config_dq: Optional[dict] = None,
     head_split: str = "split",
+    tiles: Optional[TritonTiles] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch preprocess, dK/dV and dQ kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
     config: tiles of the dK/dV kernel; config_dq: of the dQ kernel (default: config). None
-    autotunes over :data:`AUTOTUNE_BWD` on GPU, or uses the interpreter's small tiles.
+    autotunes over ``tiles.autotune_bwd`` on GPU, or uses ``tiles.interpret`` in the interpreter.
+    tiles: the profile's :class:`~qwen3vl_flash.hardware.profiles.TritonTiles` for those and for
+    ``preprocess_block_m`` (None: the schema's defaults).
     """
+    tiles = _DEFAULT_TILES if tiles is None else tiles
     varlen = cu_seqlens_q is not None
-    q, k, v, out, dout = (_contig_last(t) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = (tc.contig_last(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     D = q.shape[-1]
     H, Hkv = q.shape[-2], k.shape[-2]
@@ -420,7 +414,7 @@ def attention_backward(
         Sq, Sk = int(max_seqlen_q), int(max_seqlen_k)
     else:
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
-    s0, s1 = split_head_dim(D, head_split)
+    s0, s1 = tc.split_head_dim(D, head_split)
     if s1 and s0 + s1 > D:
         # A masked tail (72 = 64 + 16) in the backward hit an illegal address on H100 / triton 3.6,
         # and padding the tiles to 128 with masked loads ran at 41 TF/s (dK/dV 34 ms of 45 for
@@ -432,33 +426,31 @@ def attention_backward(
         pad = lambda t: torch.nn.functional.pad(t, (0, Dp - D))  # noqa: E731
         gq, gk, gv = attention_backward(
             pad(dout), pad(q), pad(k), pad(v), pad(out), lse, softmax_scale, causal, window_size,
-            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, config_dq, head_split,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, config_dq, head_split, tiles,
         )
         return gq[..., :D].contiguous(), gk[..., :D].contiguous(), gv[..., :D].contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse, dtype=torch.float32)
-    if DEBUG_POISON:
-        for t in (dq, dk, dv, delta):
-            t.fill_(float("nan"))
+    tc.poison(dq, dk, dv, delta)
     left, right = fold_window(causal, window_size)
-    d0, d1 = effective_split(D, head_split, q, k, v, out, dout, dq, dk, dv)
+    d0, d1 = tc.effective_split(D, head_split, q, k, v, out, dout, dq, dk, dv)
     if d1 and d0 + d1 > D:  # head_split="pad": one tile over D, masked
-        d0, d1 = split_head_dim(D, "pad")
-    sq, sk, sv, sdo, sl = _layout(q, k, v, dout, lse, varlen)
-    _, _, _, sdq, _ = _layout(q, k, v, dq, lse, varlen)
-    _, sdk, sdv, _, _ = _layout(q, dk, dv, dq, lse, varlen)
-    _, _, _, so, _ = _layout(q, k, v, out, lse, varlen)
+        d0, d1 = tc.split_head_dim(D, "pad")
+    sq, sk, sv, sdo, sl = tc.layout_strides(q, k, v, dout, lse, varlen)
+    _, _, _, sdq, _ = tc.layout_strides(q, k, v, dq, lse, varlen)
+    _, sdk, sdv, _, _ = tc.layout_strides(q, dk, dv, dq, lse, varlen)
+    _, _, _, so, _ = tc.layout_strides(q, k, v, out, lse, varlen)
     cu_q = cu_seqlens_q if varlen else q  # never read when VARLEN is False
     cu_k = cu_seqlens_k if varlen else q
-    prec = dot_precision(q.dtype)
+    prec = tc.dot_precision(q.dtype)
     masks = dict(VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DOT_PREC=prec)
     heads = dict(HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1)
-    qk_scale = float(softmax_scale) * LOG2E
+    qk_scale = tc.log2_scale(softmax_scale)
 
-    pre_m = 64
+    pre_m = tiles.preprocess_block_m
     _bwd_preprocess[(triton.cdiv(max(Sq, 1), pre_m), B * H)](
         out, dout, delta, cu_q, *so, *sdo, *sl, Sq, H,
-        HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=next_pow2(max(D, 16)), VARLEN=varlen,
+        HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=tc.next_pow2(max(D, 16)), VARLEN=varlen,
     )
 
     def launch_dkdv(cfg):
@@ -479,14 +471,15 @@ def attention_backward(
             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **heads, **masks,
         )
 
-    key = (D, head_split, q.dtype, varlen, left >= 0, right >= 0, next_pow2(max(Sq, Sk)), q.device.index)
+    key = (D, head_split, q.dtype, varlen, left >= 0, right >= 0, tc.next_pow2(max(Sq, Sk)), q.device.index)
     if config_dq is None:
-        config_dq = config if config is not None else _autotune(launch_dq, ("dq",) + key, AUTOTUNE_BWD)
+        config_dq = config if config is not None else tc.autotune(launch_dq, ("dq",) + key, tiles.autotune_bwd,
+                                                                  tiles.interpret)
     if config is None:
-        config = _autotune(launch_dkdv, ("dkdv",) + key, AUTOTUNE_BWD)
+        config = tc.autotune(launch_dkdv, ("dkdv",) + key, tiles.autotune_bwd, tiles.interpret)
     launch_dkdv(config)
     launch_dq(config_dq)
     return dq, dk, dv
 
 
-__all__ = ["attention_backward", "AUTOTUNE_BWD", "INTERPRET_CONFIG"]
+__all__ = ["attention_backward"]

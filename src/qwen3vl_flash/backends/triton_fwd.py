@@ -31,82 +31,20 @@ not supported (the backend's ``check`` says so and ``auto`` falls to ``tiled``).
 from __future__ import annotations
 
 import logging
-import math
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
-
-# Poison freshly allocated outputs with NaN so a test sees any element a kernel forgot to write.
-DEBUG_POISON = os.environ.get("QWEN3VL_FLASH_TRITON_POISON", "0") == "1"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def split_head_dim(head_dim: int, mode: str = "split") -> Tuple[int, int]:
-    """(BLOCK_D0, BLOCK_D1): a power-of-two main part and a power-of-two tail (0 = none).
-
-    ``split``: 72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 128 -> (128, 0), 200 -> (128, 128).
-    ``pad``:   72 -> (128, 0). Tiles are at least 16 wide (the smallest tensor-core dot).
-    """
-    if head_dim <= 16:
-        return 16, 0
-    main = 1 << (head_dim.bit_length() - 1)
-    if main == head_dim:
-        return main, 0
-    if mode == "pad":
-        return next_pow2(head_dim), 0
-    if mode != "split":
-        raise ValueError(f"head_split must be 'split' or 'pad', got {mode!r}")
-    return main, max(16, next_pow2(head_dim - main))
-
-
-def fold_window(causal: bool, window_size: Tuple[int, int]) -> Tuple[int, int]:
-    """(left, right) with causal folded into right (right = min(right, 0)); -1 = unbounded."""
-    left, right = window_size
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    return int(left), int(right)
-
+from ..conventions import fold_window
+from ..hardware.profiles import TritonTiles
+from . import triton_common as tc
+from .triton_common import LN2, block_ranges, dot, effective_split, load2d, split_head_dim
 
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + a @ b. DOT_PREC "upcast": the CPU interpreter cannot multiply bf16 (numpy has no
-    bf16), so tiles go to fp32 first -- bf16 products are exact in fp32, as on tensor cores."""
-    if DOT_PREC == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _load2d(ptrs, a_ok, b_ok, MASK_A: tl.constexpr, MASK_B: tl.constexpr):
-    """Load a tile, masking only along the dimensions that can run out (constexpr-chosen, so
-    interior tiles compile to unmasked, vectorised loads)."""
-    if MASK_A and MASK_B:
-        return tl.load(ptrs, mask=a_ok & b_ok, other=0.0)
-    elif MASK_A:
-        return tl.load(ptrs, mask=a_ok, other=0.0)
-    elif MASK_B:
-        return tl.load(ptrs, mask=b_ok, other=0.0)
-    else:
-        return tl.load(ptrs)
 
 
 @triton.jit
@@ -133,13 +71,13 @@ def _fwd_inner(
         if TMA:  # whole (N, D) tile by the copy engine, zero past this sequence's end
             k0 = tl.trans(kd.load([b, start_n, h_kv * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D0))
         else:
-            k0 = _load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
-                         n_ok[None, :], d0_ok[:, None], MASK, BLOCK_D0 > HEAD_DIM)
-        s = _dot(q0, k0, None, DOT_PREC)
+            k0 = load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
+                        n_ok[None, :], d0_ok[:, None], MASK, BLOCK_D0 > HEAD_DIM)
+        s = dot(q0, k0, None, DOT_PREC)
         if BLOCK_D1 > 0:
-            k1 = _load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
-                         n_ok[None, :], d1_ok[:, None], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
-            s = _dot(q1, k1, s, DOT_PREC)
+            k1 = load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
+                        n_ok[None, :], d1_ok[:, None], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
+            s = dot(q1, k1, s, DOT_PREC)
         if MASK:
             s = s * qk_scale  # log2 units
             vis = n_ok[None, :]
@@ -168,46 +106,16 @@ def _fwd_inner(
         if TMA:
             v0 = vd.load([b, start_n, h_kv * HEAD_DIM]).reshape(BLOCK_N, BLOCK_D0)
         else:
-            v0 = _load2d(v_base + cols[:, None] * stride_vs + offs_d0[None, :],  # (N, D0)
-                         n_ok[:, None], d0_ok[None, :], MASK, BLOCK_D0 > HEAD_DIM)
+            v0 = load2d(v_base + cols[:, None] * stride_vs + offs_d0[None, :],  # (N, D0)
+                        n_ok[:, None], d0_ok[None, :], MASK, BLOCK_D0 > HEAD_DIM)
         p_lo = p.to(v0.dtype)
-        acc0 = _dot(p_lo, v0, acc0 * alpha[:, None], DOT_PREC)
+        acc0 = dot(p_lo, v0, acc0 * alpha[:, None], DOT_PREC)
         if BLOCK_D1 > 0:
-            v1 = _load2d(v_base + cols[:, None] * stride_vs + offs_d1[None, :],
-                         n_ok[:, None], d1_ok[None, :], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
-            acc1 = _dot(p_lo, v1, acc1 * alpha[:, None], DOT_PREC)
+            v1 = load2d(v_base + cols[:, None] * stride_vs + offs_d1[None, :],
+                        n_ok[:, None], d1_ok[None, :], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
+            acc1 = dot(p_lo, v1, acc1 * alpha[:, None], DOT_PREC)
         m_i = m_new
     return acc0, acc1, l_i, m_i
-
-
-@triton.jit
-def _block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Key ranges for query rows [m0, m0 + BLOCK_M): [lo, full_lo) masked, [full_lo, full_hi)
-    unmasked (every row sees every key), [full_hi, hi) masked. All multiples of BLOCK_N except hi."""
-    off = seqlen_k - seqlen_q
-    m_last = m0 + BLOCK_M - 1
-    if HAS_RIGHT:
-        hi = tl.minimum(seqlen_k, tl.maximum(m_last + off + window_right + 1, 0))
-        full_hi = tl.minimum(seqlen_k, tl.maximum(m0 + off + window_right + 1, 0))
-    else:
-        hi = seqlen_k
-        full_hi = seqlen_k
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    if HAS_LEFT:
-        lo = tl.maximum(m0 + off - window_left, 0)
-        lo = tl.minimum((lo // BLOCK_N) * BLOCK_N, hi)
-        full_lo = tl.maximum(m_last + off - window_left, 0)
-        full_lo = ((full_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    else:
-        lo = 0
-        full_lo = 0
-    hi = tl.maximum(hi, lo)
-    hi_ceil = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi_ceil)
-    full_hi = tl.maximum(full_hi, full_lo)
-    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -277,8 +185,8 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
-                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, full_lo, full_hi, hi = block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     off = seqlen_k - seqlen_q
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_ks, stride_vs,
                                       lo, full_lo, offs_m, seqlen_k, off, window_left, window_right, qk_scale, kd, vd, b, h_kv,
@@ -293,7 +201,7 @@ def _fwd_kernel(
     # -- epilogue: out = acc / l; a row that saw no key gives 0 and lse = -inf
     seen = l_i > 0.0
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     lse_ptrs = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + offs_m
     tl.store(lse_ptrs, lse, mask=m_ok)
     out0 = (acc0 * inv_l[:, None]).to(Out.dtype.element_ty)
@@ -309,64 +217,15 @@ def _fwd_kernel(
 # launcher
 # --------------------------------------------------------------------------------------------
 
-# Used when a profile carries no Triton entry for the call (the CPU interpreter, unknown GPUs).
-INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-# Pruned autotune list for GPUs without a measured profile entry.
-AUTOTUNE_FWD = [
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-]
-_TUNED: Dict[tuple, dict] = {}
+# Tiles for calls that bring none (autotune list, the interpreter's tile, reverse_m): the
+# profile's TritonTiles (hardware.profiles), or the schema's defaults when the caller gives none.
+_DEFAULT_TILES = TritonTiles()
 _TMA_FAILED: Dict[tuple, str] = {}  # tile configs whose TMA build failed -> the reason
 _log = logging.getLogger("qwen3vl_flash")
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32: full precision; fp16/bf16: the tensor-core default (the tf32 flag is ignored for
-    them); bf16 under the CPU interpreter: upcast tiles to fp32 (see ``_dot``)."""
-    if dtype == torch.float32:
-        return "ieee"
-    if dtype == torch.bfloat16 and interpreting():
-        return "upcast"
-    return "tf32"
-
-
-def _layout(q, k, v, out, lse, varlen: bool):
-    """(strides..., batch, seqlen_q, seqlen_k) for dense (B,S,H,D) or varlen (T,H,D) tensors."""
-    if varlen:
-        sq = (0, q.stride(0), q.stride(1))
-        sk = (0, k.stride(0), k.stride(1))
-        sv = (0, v.stride(0), v.stride(1))
-        so = (0, out.stride(0), out.stride(1))
-        sl = (0, lse.stride(0))
-    else:
-        sq = (q.stride(0), q.stride(1), q.stride(2))
-        sk = (k.stride(0), k.stride(1), k.stride(2))
-        sv = (v.stride(0), v.stride(1), v.stride(2))
-        so = (out.stride(0), out.stride(1), out.stride(2))
-        sl = (lse.stride(0), lse.stride(1))
-    return sq, sk, sv, so, sl
-
-
 def _aligned8(*tensors) -> bool:
     return all(all(s % 8 == 0 for s in t.stride()[:-1]) for t in tensors)
-
-
-def effective_split(head_dim: int, mode: str, *tensors) -> Tuple[int, int]:
-    """:func:`split_head_dim`, except that a *masked* tail (72 = 64 + 16 with 8 masked columns)
-    on rows whose stride is not a multiple of 16 elements falls back to padding: on H100 with
-    triton 3.6 that combination gave wrong results (K/V of shape (.., 1 kv head, 72): err 0.43)
-    or an illegal address, while the padded kernel and unmasked tails (80, 96) were exact."""
-    d0, d1 = split_head_dim(head_dim, mode)
-    if d1 and d0 + d1 > head_dim and not all(t.stride(-3) % 16 == 0 for t in tensors):  # token stride
-        return split_head_dim(head_dim, "pad")
-    return d0, d1
-
-
-def _contig_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def attention_forward(
@@ -384,6 +243,7 @@ def attention_forward(
     head_split: str = "split",
     reverse_m: Optional[bool] = None,
     use_tma: Optional[bool] = None,
+    tiles: Optional[TritonTiles] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns (out like q, lse float32: (B, H, Sq) or (H, Tq)).
 
@@ -392,11 +252,15 @@ def attention_forward(
     True forces it where it is possible at all (also in the interpreter, for tests).
 
     config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}; None autotunes over
-    :data:`AUTOTUNE_FWD` once per (head_dim, dtype, mask kind, length bucket) on GPU, or uses
-    :data:`INTERPRET_CONFIG` in the interpreter.
+    ``tiles.autotune_fwd`` once per (head_dim, dtype, mask kind, length bucket) on GPU, or uses
+    ``tiles.interpret`` in the interpreter. reverse_m None: ``tiles.reverse_m``.
+
+    tiles: the profile's :class:`~qwen3vl_flash.hardware.profiles.TritonTiles` for the fields
+    above (None: the schema's defaults).
     """
+    tiles = _DEFAULT_TILES if tiles is None else tiles
     varlen = cu_seqlens_q is not None
-    q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+    q, k, v = tc.contig_last(q), tc.contig_last(k), tc.contig_last(v)
     D = q.shape[-1]
     H, Hkv = q.shape[-2], k.shape[-2]
     if varlen:
@@ -409,19 +273,18 @@ def attention_forward(
         Sk = k.shape[1]
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    if DEBUG_POISON:
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
+    tc.poison(out, lse)
     left, right = fold_window(causal, window_size)
     d0, d1 = effective_split(D, head_split, q, k, v, out)
-    sq, sk, sv, so, sl = _layout(q, k, v, out, lse, varlen)
-    if reverse_m is None:  # measured on H100 (S=16k causal): natural order 469 vs reversed 447 TF/s
-        reverse_m = False
+    sq, sk, sv, so, sl = tc.layout_strides(q, k, v, out, lse, varlen)
+    if reverse_m is None:  # the profile's (measured on H100: off, see hardware.profiles)
+        reverse_m = tiles.reverse_m
     dummy = cu_seqlens_q if varlen else q  # never read when VARLEN is False
+    qk_scale = tc.log2_scale(softmax_scale)
     tma = tma_possible(q, k, v, varlen, d0, d1) and (use_tma if use_tma is not None else tma_default(q))
     statics = dict(
         HEAD_DIM=D, BLOCK_D0=d0, BLOCK_D1=d1, VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-        REVERSE_M=bool(reverse_m), ALIGN8=_aligned8(q, k, v, out), DOT_PREC=dot_precision(q.dtype),
+        REVERSE_M=bool(reverse_m), ALIGN8=_aligned8(q, k, v, out), DOT_PREC=tc.dot_precision(q.dtype),
         TMA=tma, POS_SCALE=softmax_scale > 0,
     )
 
@@ -432,7 +295,7 @@ def attention_forward(
             q, k, v, out, lse, dummy, cu_seqlens_k if varlen else dummy, kd, vd,
             *sq, *sk, *sv, *so, *sl,
             Sq, Sk, H, H // Hkv,
-            float(softmax_scale) * LOG2E, left, right,
+            qk_scale, left, right,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2),
             **dict(statics, TMA=use),
@@ -453,15 +316,16 @@ def attention_forward(
         return launch_with(cfg, False)
 
     if config is None:
-        config = _autotune(launch, ("fwd", D, head_split, q.dtype, varlen, left >= 0, right >= 0, tma,
-                                    next_pow2(max(Sq, Sk)), q.device.index), AUTOTUNE_FWD)
+        key = ("fwd", D, head_split, q.dtype, varlen, left >= 0, right >= 0, tma, tc.next_pow2(max(Sq, Sk)),
+               q.device.index)
+        config = tc.autotune(launch, key, tiles.autotune_fwd, tiles.interpret)
     launch(config)
     return out, lse
 
 
 def tma_default(q: torch.Tensor) -> bool:
     """Tensor descriptors by default on Hopper and newer GPUs (sm90+), not in the interpreter."""
-    if interpreting() or not q.is_cuda:
+    if tc.interpreting() or not q.is_cuda:
         return False
     return torch.cuda.get_device_capability(q.device) >= (9, 0)
 
@@ -496,21 +360,4 @@ def kv_descriptors(k, v, block_n: int, head_dim: int):
     return out
 
 
-def _autotune(launch, key, candidates):
-    """Time each candidate once (median of a short do_bench) and cache the winner per key."""
-    if interpreting():
-        return INTERPRET_CONFIG
-    best = _TUNED.get(key)
-    if best is None:
-        best_t = math.inf
-        for cfg in candidates:
-            try:
-                t = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
-            except Exception:  # out of resources (shared memory / registers) for this tile
-                continue
-            if t < best_t:
-                best, best_t = cfg, t
-        if best is None:
-            raise RuntimeError(f"no Triton config could run {key}")
-        _TUNED[key] = best
-    return best
+__all__ = ["attention_forward", "effective_split", "kv_descriptors", "split_head_dim", "tma_default", "tma_possible"]

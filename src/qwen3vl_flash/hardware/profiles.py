@@ -9,10 +9,16 @@ Fields a backend reads:
 
 * ``block_m`` / ``block_n``: the ``tiled`` backend's query-row and key tiles (query rows count
   the GQA group folded in, i.e. ``block_m`` rows of (query, head-in-group) pairs).
-* ``triton``: data for the Triton kernels (block sizes, warps, stages per head_dim / arch).
+* ``triton``: the Triton kernels' tiles, a :class:`TritonTiles` (typed: a misspelt field raises
+  at construction, with its name); one lookup, :meth:`TritonTiles.lookup`.
 * ``auto_order``: backends ``auto`` tries, first to last, per dtype ("default" otherwise;
-  "varlen" for packed calls where given).
-* ``tiled_min_seqlen``: below this key length ``auto`` skips ``tiled`` (launch overheads win).
+  "varlen" for packed calls where given); :meth:`TileProfile.order_for` applies it.
+* ``tiled_min_seqlen``: below this key length ``auto`` tries ``tiled`` after the others (but
+  before ``eager``): launch overheads win there.
+* ``cp_order``: the kernels context parallelism's ``auto`` tries for each block, first to last.
+
+Overrides are typed too: ``profile.replace(triton=profile.triton.replace(fwd=KernelTile(64, 64, 4, 3)))``,
+or for the decode tiles ``profile.triton.replace(decode=profile.triton.decode.replace(waves=3))``.
 """
 
 from __future__ import annotations
@@ -22,13 +28,230 @@ import contextvars
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from ..conventions import MAX_HEAD_DIM
 from .detect import HardwareInfo, detect_hardware
 
 ENV_PROFILE = "QWEN3VL_FLASH_PROFILE"
+
+
+# --------------------------------------------------------------------------------------------
+# the Triton tiles' schema
+# --------------------------------------------------------------------------------------------
+
+
+def _is_pow2(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and x & (x - 1) == 0
+
+
+def _require(ok: bool, where: str, what: str, value) -> None:
+    """Malformed tile data raises TypeError naming its place (as a misspelt field does)."""
+    if not ok:
+        raise TypeError(f"{where}: expected {what}, got {value!r}")
+
+
+def _check_padded_dim(where: str, dim) -> None:
+    _require(_is_pow2(dim) and 16 <= dim <= MAX_HEAD_DIM, where,
+             f"a padded head dim (a power of two 16..{MAX_HEAD_DIM})", dim)
+
+
+@dataclass(frozen=True)
+class KernelTile:
+    """One Triton launch's tiles: ``block_m`` query rows x ``block_n`` keys per program, with
+    ``num_warps`` warps and ``num_stages`` software-pipeline stages (the kernels' BLOCK_M,
+    BLOCK_N, num_warps, num_stages)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "num_warps"):
+            _require(_is_pow2(getattr(self, name)), f"KernelTile.{name}", "a power of two", getattr(self, name))
+        _require(isinstance(self.num_stages, int) and self.num_stages >= 1, "KernelTile.num_stages",
+                 "an int >= 1", self.num_stages)
+
+    def as_list(self) -> List[int]:
+        """[BLOCK_M, BLOCK_N, num_warps, num_stages]: what the registered ops take."""
+        return [self.block_m, self.block_n, self.num_warps, self.num_stages]
+
+    def as_config(self) -> Dict[str, int]:
+        """{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}: what the launchers take."""
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
+
+    def replace(self, **changes) -> KernelTile:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_tiles_by_dim(where: str, tiles, exact: bool) -> None:
+    """``tiles`` maps head dims to KernelTiles: exact head dims (``exact``) or padded ones."""
+    _require(isinstance(tiles, Mapping), where, "a mapping head_dim -> KernelTile", tiles)
+    for dim, tile in tiles.items():
+        if exact:
+            _require(isinstance(dim, int) and 1 <= dim <= MAX_HEAD_DIM, f"{where} key",
+                     f"a head dim 1..{MAX_HEAD_DIM}", dim)
+        else:
+            _check_padded_dim(f"{where} key", dim)
+        _require(isinstance(tile, KernelTile), f"{where}[{dim}]", "a KernelTile", tile)
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """The split-KV decode kernels' data (:mod:`qwen3vl_flash.backends.triton_decode`)."""
+
+    # programs aimed at per SM: two resident CTAs (96 KiB of smem each at BLOCK_N=64, 3 stages,
+    # hd128) keep ~64 KiB of K/V loads in flight per SM, above the ~25 KiB that 3 TB/s x ~1 us needs
+    waves: int = 2
+    # a split streams at least this many keys ...
+    min_chunk: int = 256
+    # ... and at least this many per packed query row, so that the fp32 partials (written and
+    # read once: 8 bytes x D per row) stay under ~6% of the K/V bytes (4 bytes x D per key, bf16)
+    min_chunk_per_row: int = 32
+    max_splits: int = 64
+    # head_dim (padded to a power of two) -> keys per tile; block_n_other for a head dim not listed
+    block_n: Mapping[int, int] = field(default_factory=lambda: {16: 64, 32: 64, 64: 64, 128: 64, 256: 32})
+    block_n_other: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    merge_num_warps: int = 4
+    # merge inside the split kernel (the last split of a (row, kv head) does it, counted by an
+    # atomic) for up to this many packed query rows: one launch instead of two, so less host time,
+    # but on H100 it cost 3-7 us more device time at B=1 4k/32k than the separate merge kernel
+    # (docs/perf/decode.md), so it is off by default; set 16 to use it
+    fuse_merge_max_rows: int = 0
+
+    def __post_init__(self):
+        for name in ("waves", "min_chunk", "min_chunk_per_row", "max_splits", "num_stages"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"DecodeTiles.{name}", "an int >= 1", value)
+        for name in ("block_n_other", "num_warps", "merge_num_warps"):
+            _require(_is_pow2(getattr(self, name)), f"DecodeTiles.{name}", "a power of two", getattr(self, name))
+        _require(isinstance(self.fuse_merge_max_rows, int) and self.fuse_merge_max_rows >= 0,
+                 "DecodeTiles.fuse_merge_max_rows", "an int >= 0", self.fuse_merge_max_rows)
+        _require(isinstance(self.block_n, Mapping), "DecodeTiles.block_n", "a mapping head_dim -> keys per tile",
+                 self.block_n)
+        for dim, keys in self.block_n.items():
+            _check_padded_dim("DecodeTiles.block_n key", dim)
+            _require(_is_pow2(keys), f"DecodeTiles.block_n[{dim}]", "a power of two", keys)
+
+    def keys_per_tile(self, block_d: int) -> int:
+        """BLOCK_N of the split kernel for ``block_d`` (head_dim padded to a power of two)."""
+        return int(self.block_n.get(block_d, self.block_n_other))
+
+    def replace(self, **changes) -> DecodeTiles:
+        return dataclasses.replace(self, **changes)
+
+
+# Pruned autotune lists: a call whose profile has no tile for it times these once per shape
+# class on GPU (backends.triton_common.autotune) and keeps the fastest; ties go to the first.
+AUTOTUNE_FWD: Tuple[KernelTile, ...] = (
+    KernelTile(128, 64, num_warps=4, num_stages=3),
+    KernelTile(128, 128, num_warps=8, num_stages=3),
+    KernelTile(64, 64, num_warps=4, num_stages=2),
+    KernelTile(128, 64, num_warps=8, num_stages=2),
+)
+AUTOTUNE_BWD: Tuple[KernelTile, ...] = (
+    KernelTile(64, 64, num_warps=4, num_stages=2),
+    KernelTile(64, 128, num_warps=8, num_stages=2),
+    KernelTile(128, 64, num_warps=8, num_stages=2),
+    KernelTile(32, 64, num_warps=4, num_stages=3),
+)
+# Under the CPU interpreter nothing is timed: small tiles keep the (slow) interpreted tests short.
+INTERPRET_TILE = KernelTile(32, 32, num_warps=4, num_stages=1)
+
+_KINDS = ("fwd", "bwd", "bwd_dq")
+
+
+@dataclass(frozen=True)
+class TritonTiles:
+    """The Triton kernels' tiles for one profile. A kernel without a tile for a call autotunes
+    over ``autotune_fwd`` / ``autotune_bwd`` on GPU (cached per shape class), or takes
+    ``interpret`` under the CPU interpreter. Resolved by :meth:`lookup` only."""
+
+    # the forward's tile, and per padded head dim (power of two 16..256: 72 -> 128, 200 -> 256)
+    fwd: Optional[KernelTile] = None
+    fwd_by_dim: Mapping[int, KernelTile] = field(default_factory=dict)
+    # from this sequence length on (max of Sq, Sk), fwd_long_by_dim's tile for that exact head dim
+    fwd_long_from: Optional[int] = None
+    fwd_long_by_dim: Mapping[int, KernelTile] = field(default_factory=dict)
+    # the backward's dK/dV tile (and the dQ kernel's, unless bwd_dq_by_dim has one), per padded head dim
+    bwd: Optional[KernelTile] = None
+    bwd_by_dim: Mapping[int, KernelTile] = field(default_factory=dict)
+    bwd_dq_by_dim: Mapping[int, KernelTile] = field(default_factory=dict)
+    # head dims that are no power of two: "split" (72 = 64 + 16, two dots) or "pad" (to 128)
+    head_split: str = "split"
+    decode: DecodeTiles = field(default_factory=DecodeTiles)
+    autotune_fwd: Tuple[KernelTile, ...] = AUTOTUNE_FWD
+    autotune_bwd: Tuple[KernelTile, ...] = AUTOTUNE_BWD
+    interpret: KernelTile = INTERPRET_TILE
+    # the backward's preprocess kernel (delta = rowsum(dO * O)): query rows per program
+    preprocess_block_m: int = 64
+    # forward query blocks last-first: measured on H100 (S=16k causal), natural order 469 vs
+    # reversed 447 TF/s, so off (the dQ kernel reverses under a right-bounded mask, a rule)
+    reverse_m: bool = False
+
+    def __post_init__(self):
+        for name in ("fwd", "bwd"):
+            value = getattr(self, name)
+            _require(value is None or isinstance(value, KernelTile), f"TritonTiles.{name}", "a KernelTile or None",
+                     value)
+        for name in ("fwd_by_dim", "bwd_by_dim", "bwd_dq_by_dim"):
+            _check_tiles_by_dim(f"TritonTiles.{name}", getattr(self, name), exact=False)
+        _check_tiles_by_dim("TritonTiles.fwd_long_by_dim", self.fwd_long_by_dim, exact=True)
+        _require(self.fwd_long_from is None or (isinstance(self.fwd_long_from, int) and self.fwd_long_from > 0),
+                 "TritonTiles.fwd_long_from", "None or an int > 0", self.fwd_long_from)
+        _require(not self.fwd_long_by_dim or self.fwd_long_from is not None, "TritonTiles.fwd_long_from",
+                 "a length when fwd_long_by_dim is given", self.fwd_long_from)
+        _require(self.head_split in ("split", "pad"), "TritonTiles.head_split", "'split' or 'pad'", self.head_split)
+        _require(isinstance(self.decode, DecodeTiles), "TritonTiles.decode", "a DecodeTiles", self.decode)
+        for name in ("autotune_fwd", "autotune_bwd"):
+            value = getattr(self, name)
+            _require(isinstance(value, (tuple, list)) and len(value) > 0
+                     and all(isinstance(t, KernelTile) for t in value),
+                     f"TritonTiles.{name}", "a non-empty sequence of KernelTile", value)
+            object.__setattr__(self, name, tuple(value))
+        _require(isinstance(self.interpret, KernelTile), "TritonTiles.interpret", "a KernelTile", self.interpret)
+        _require(_is_pow2(self.preprocess_block_m), "TritonTiles.preprocess_block_m", "a power of two",
+                 self.preprocess_block_m)
+        _require(isinstance(self.reverse_m, bool), "TritonTiles.reverse_m", "a bool", self.reverse_m)
+
+    def lookup(self, kind: str, head_dim: int, seqlen: int = 0) -> Optional[KernelTile]:
+        """The tile of kernel ``kind`` for a call, or None (= autotune / the interpreter's tile).
+
+        ``fwd``: ``fwd_long_by_dim[head_dim]`` when ``seqlen >= fwd_long_from``, else
+        ``fwd_by_dim[padded head_dim]``, else ``fwd``. ``bwd`` (the dK/dV kernel; ``seqlen`` unused):
+        ``bwd_by_dim[padded]``, else ``bwd``. ``bwd_dq`` (the dQ kernel's own tile): ``bwd_dq_by_dim
+        [padded]``, only where ``bwd`` gives a tile (else both kernels autotune)."""
+        padded = 1 << max(4, (head_dim - 1).bit_length())
+        if kind == "fwd":
+            tile = None
+            if self.fwd_long_from is not None and seqlen >= self.fwd_long_from:
+                tile = self.fwd_long_by_dim.get(head_dim)
+            return tile or self.fwd_by_dim.get(padded) or self.fwd
+        if kind == "bwd":
+            return self.bwd_by_dim.get(padded) or self.bwd
+        if kind == "bwd_dq":
+            return self.bwd_dq_by_dim.get(padded) if self.lookup("bwd", head_dim) is not None else None
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+
+    def replace(self, **changes) -> TritonTiles:
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# profiles
+# --------------------------------------------------------------------------------------------
+
+# context parallelism's kernel per block (parallel.api.choose_kernel), first to last: on CUDA
+# cuDNN's fused kernels with lse (the fastest forward+backward we measured on H100), then our
+# Triton kernels, then tiled; on CPU tiled (triton takes CUDA tensors there)
+_GPU_CP_ORDER = ("cudnn", "triton", "tiled")
+_CPU_CP_ORDER = ("tiled",)
 
 
 @dataclass(frozen=True)
@@ -40,17 +263,37 @@ class TileProfile:
     block_n: int
     auto_order: Dict[str, Tuple[str, ...]]
     tiled_min_seqlen: int = 0
-    triton: Dict[str, object] = field(default_factory=dict)
+    triton: TritonTiles = field(default_factory=TritonTiles)
     description: str = ""
+    cp_order: Optional[Tuple[str, ...]] = None  # None: by device_type (_GPU_CP_ORDER / _CPU_CP_ORDER)
 
-    def replace(self, **changes) -> "TileProfile":
+    def __post_init__(self):
+        if not isinstance(self.triton, TritonTiles):
+            raise TypeError(
+                f"TileProfile.triton: expected a TritonTiles, got {type(self.triton).__name__} "
+                "(e.g. profile.replace(triton=profile.triton.replace(fwd=KernelTile(64, 64, 4, 3))))"
+            )
+        if self.cp_order is None:
+            object.__setattr__(self, "cp_order", _GPU_CP_ORDER if self.device_type == "cuda" else _CPU_CP_ORDER)
+        object.__setattr__(self, "cp_order", tuple(self.cp_order))
+
+    def replace(self, **changes) -> TileProfile:
         return dataclasses.replace(self, **changes)
 
-    def order_for(self, dtype: torch.dtype, varlen: bool = False) -> Tuple[str, ...]:
+    def order_for(self, dtype: torch.dtype, varlen: bool = False, seqlen_k: Optional[int] = None) -> Tuple[str, ...]:
+        """Backends ``auto`` tries, first to last: ``auto_order``'s for the dtype ("varlen" for a
+        packed call where given, else "default"). With ``seqlen_k`` below ``tiled_min_seqlen``,
+        ``tiled`` moves behind the others (but before a last ``eager``)."""
         if varlen and "varlen" in self.auto_order:
-            return self.auto_order["varlen"]
-        key = str(dtype).replace("torch.", "")
-        return self.auto_order.get(key, self.auto_order["default"])
+            order = self.auto_order["varlen"]
+        else:
+            order = self.auto_order.get(str(dtype).replace("torch.", ""), self.auto_order["default"])
+        if seqlen_k is None or seqlen_k >= self.tiled_min_seqlen or "tiled" not in order:
+            return tuple(order)
+        rest = list(order)
+        rest.remove("tiled")
+        rest.insert(len(rest) - 1 if rest and rest[-1] == "eager" else len(rest), "tiled")
+        return tuple(rest)
 
 
 # Hopper/Ampere, measured on H100 (docs/performance.md): for dense calls PyTorch's cuDNN kernel
@@ -87,13 +330,13 @@ PROFILES: Dict[str, TileProfile] = {
             block_m=256,
             block_n=256,
             auto_order=_GPU_ORDER,
-            triton={
-                "fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-                "fwd_d256": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
-                "bwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-                "bwd_d256": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-                "head_split": "split",
-            },
+            triton=TritonTiles(
+                fwd=KernelTile(128, 64, num_warps=4, num_stages=3),
+                fwd_by_dim={256: KernelTile(64, 32, num_warps=4, num_stages=2)},
+                bwd=KernelTile(64, 64, num_warps=4, num_stages=2),
+                bwd_by_dim={256: KernelTile(32, 32, num_warps=4, num_stages=1)},
+                head_split="split",
+            ),
             description="NVIDIA Ampere/Ada (sm80-sm89): Triton FA2 kernels",
         ),
         TileProfile(
@@ -103,18 +346,18 @@ PROFILES: Dict[str, TileProfile] = {
             block_m=256,
             block_n=256,
             auto_order=_GPU_ORDER,
-            triton={
+            triton=TritonTiles(
                 # measured on H100 (docs/perf/gpu_kernels.md): causal hd128 S=4k sweep of 6 fwd / 6 bwd tiles
-                "fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+                fwd=KernelTile(64, 64, num_warps=4, num_stages=3),
                 # 2026-11-25 run 2 (benchmarks/exp_fwd_variants.py, TMA + FMA kernel): hd128 causal
                 # 64x64 w4 s3 437 TF/s at 4k, 128x128 w8 s3 501 / 515 at 16k / 32k
-                "long_from": 8192,
-                "fwd_long_hd128": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-                "fwd_d256": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-                "bwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-                "bwd_d256": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
-                "head_split": "split",
-            },
+                fwd_long_from=8192,
+                fwd_long_by_dim={128: KernelTile(128, 128, num_warps=8, num_stages=3)},
+                fwd_by_dim={256: KernelTile(64, 64, num_warps=4, num_stages=2)},
+                bwd=KernelTile(64, 64, num_warps=4, num_stages=2),
+                bwd_by_dim={256: KernelTile(32, 64, num_warps=4, num_stages=1)},
+                head_split="split",
+            ),
             description="NVIDIA Hopper (H100/H200, sm90): Triton FA2 kernels",
         ),
         TileProfile(
@@ -124,7 +367,7 @@ PROFILES: Dict[str, TileProfile] = {
             block_m=256,
             block_n=256,
             auto_order=_GPU_ORDER,
-            triton={"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}},
+            triton=TritonTiles(fwd=KernelTile(64, 64, num_warps=4, num_stages=2)),
             description="any other CUDA GPU: Triton where it compiles, else SDPA",
         ),
         TileProfile(
