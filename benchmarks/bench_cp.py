@@ -21,17 +21,17 @@ fwd+bwd calls after ``--warmup``, the slowest rank counted:
   (linear fit), then one check at 95% of the prediction; no try is meant to run out of memory.
   ``--max-len-modes`` may name ``1gpu:triton`` for a second one-GPU baseline with that kernel.
 
-Efficiency = T(1 GPU, full S) / (W * T(W GPUs)). Rows go to ``--csv`` (appended) with the GPU
-names, versions and date; a table is printed. Nothing here runs on CPU: it needs W CUDA GPUs.
+Efficiency = T(1 GPU, full S) / (W * T(W GPUs)). Rows (``qwen3vl_flash.benchmarking`` schema,
+bench ``bench_cp``, ``world`` = GPUs; the CP mode, efficiency and NCCL version in ``extra``) are
+appended to ``benchmarks/results/<gpu kind>.csv`` (or ``--csv``); a table is printed. Nothing here
+runs on CPU: it needs W CUDA GPUs (``--device cpu`` is a gloo smoke run of the logic).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List
@@ -39,8 +39,17 @@ from typing import Callable, Dict, List
 import torch
 import torch.distributed as dist
 
-FIELDS = ["provider", "mode", "world", "B", "seqlen", "H", "Hkv", "D", "dtype", "causal", "p20_ms", "p50_ms",
-          "p80_ms", "efficiency", "tflops_per_gpu", "peak_gb", "status", "gpu", "torch", "triton", "nccl", "date"]
+from qwen3vl_flash.benchmarking import (  # noqa: E402
+    Recorder,
+    attention_flops,
+    env_row,
+    extra,
+    other_versions,
+    quantiles,
+    results_csv,
+)
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def log(*a):
@@ -48,20 +57,28 @@ def log(*a):
         print(*a, flush=True)
 
 
-def _versions() -> Dict[str, str]:
-    try:
-        import triton
-
-        tv = triton.__version__
-    except Exception:
-        tv = "-"
-    try:
-        nv = ".".join(map(str, torch.cuda.nccl.version()))
-    except Exception:
-        nv = "-"
-    gpu = torch.cuda.get_device_name() if _cuda() else f"cpu ({os.cpu_count()} cores, smoke run)"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": tv, "nccl": nv,
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+def schema_row(r: Dict) -> Dict:
+    """One row of this script as a row of the benchmark schema (also used on the archived CSVs)."""
+    prov, status = r["provider"], str(r.get("status", ""))
+    out = dict(case=f"causal {r['H']}/{r['Hkv']} hd{r['D']} B={r['B']}", provider=prov, dtype=r["dtype"],
+               world=r["world"], mode="fwd+bwd", x_name="S", x=r["seqlen"], unit="ms", status=status)
+    ex = dict(cp_mode=r["mode"], efficiency=r.get("efficiency"))
+    if prov.startswith("check-"):
+        st, _, errs = status.partition(" errs ")
+        out.update(mode="check", metric="check", unit="", status=st)
+        ex["errs_out_dq_dk_dv"] = errs
+    elif prov.startswith("max-len"):
+        out.update(metric="max length", unit="tokens", p50=r["seqlen"], x_name="", x="")
+        if status.startswith("checked"):  # max-len-fit: predicted, then one try
+            out["status"], ex["check"] = ("ok" if status.endswith(": fits") else "does not fit"), status
+    else:
+        rate = r.get("tflops_per_gpu", "")
+        out.update(p20=r.get("p20_ms", ""), p50=r.get("p50_ms", ""), p80=r.get("p80_ms", ""), rate=rate,
+                   rate_unit="" if rate in (None, "") else "TFLOP/s per GPU")
+    if r.get("peak_gb") not in (None, ""):
+        out["memory_mb"] = float(r["peak_gb"]) * 1024
+    out["extra"] = extra(**ex, nccl=r.get("nccl"))
+    return out
 
 
 DEV = torch.device("cuda")  # --device cpu: a gloo smoke run of the script's logic, not a benchmark
@@ -104,18 +121,14 @@ def _time(fn: Callable[[], None], warmup: int, iters: int, group_wide: bool = Tr
     return times
 
 
-def _quantiles(ts: List[float]):
-    qs = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) >= 2 else [ts[0]] * 9
-    return qs[1], statistics.median(ts), qs[7]
-
-
 class Bench:
     def __init__(self, args):
         self.args = args
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.dtype = getattr(torch, args.dtype)
         self.rows: List[Dict] = []
-        self.meta = _versions()
+        self.env = env_row(DEV)
+        self.meta = {"nccl": other_versions("nccl").partition("=")[2]}  # in every row (extra)
         self.baselines: Dict[tuple, float] = {}
 
     # ---- one measurement -------------------------------------------------------------------
@@ -143,9 +156,9 @@ class Bench:
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if _cuda() else 0.0
         row["status"] = status
         if status == "ok":
-            p20, p50, p80 = _quantiles(ts)
+            p20, p50, p80 = quantiles(ts)
             row.update(p20_ms=round(p20, 3), p50_ms=round(p50, 3), p80_ms=round(p80, 3))
-            flops = 4.0 * a.batch * H * S * S * a.head_dim / 2 * 2.5  # causal, fwd+bwd
+            flops = attention_flops(a.batch, H, S, S, a.head_dim, True, "fwd+bwd")
             row["tflops_per_gpu"] = round(flops / world / (p50 * 1e-3) / 1e12, 1)
             if world == 1 and baseline_key is not None:
                 self.baselines[baseline_key] = p50
@@ -235,29 +248,19 @@ class Bench:
                                       status=status + " errs " + ",".join(f"{e:.2e}" for e in errs), **self.meta))
 
     def torch_1gpu(self, S, H, kernel):
-        import torch.nn.functional as F
-        from torch.nn.attention import sdpa_kernel
-
         def factory():
             a, dev = self.args, DEV
             q, k, v, do = (torch.randn(a.batch, H, S, a.head_dim, device=dev, dtype=self.dtype) for _ in range(4))
             for t in (q, k, v):
                 t.requires_grad_()
-
-            def fn():
-                q.grad = k.grad = v.grad = None
-                with sdpa_kernel([_sdpa_backend(kernel)]):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-            return fn
+            return _sdpa_step(q, k, v, do, kernel)
         self._rank0_only(f"torch-1gpu-{kernel}", "1gpu", S, H, H, factory, ("torch", kernel, S, H))
 
     def torch_cp(self, S, H, kernel):
         """PyTorch's prototype: ``context_parallel`` shards the buffers in place and swaps SDPA for
         its ring implementation inside the context."""
-        import torch.nn.functional as F
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
-        from torch.nn.attention import sdpa_kernel
 
         mesh = init_device_mesh(DEV.type, (self.world,))
         a, dev = self.args, DEV
@@ -271,12 +274,7 @@ class Bench:
             holder["ctx"] = ctx
             for t in (q, k, v):
                 t.requires_grad_()
-
-            def fn():
-                q.grad = k.grad = v.grad = None
-                with sdpa_kernel([_sdpa_backend(kernel)]):
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-            return fn
+            return _sdpa_step(q, k, v, do, kernel)
         try:
             self.record(f"torch-cp-{kernel}", "torch-cp", S, H, H, factory, self.world, ("torch", kernel, S, H))
         finally:
@@ -575,6 +573,18 @@ def predict_max_len(xs: List[float], peaks: List[float], usable: float) -> float
     return max(0.0, (usable - (my - b * mx)) / b)
 
 
+def _sdpa_step(q, k, v, do, kernel: str):
+    """One causal fwd+bwd of PyTorch SDPA with ``kernel`` forced, on (B, H, S, D) tensors."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    def fn():
+        q.grad = k.grad = v.grad = None
+        with sdpa_kernel([_sdpa_backend(kernel)]):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+    return fn
+
+
 def _sdpa_backend(kernel: str):
     from torch.nn.attention import SDPBackend
 
@@ -614,7 +624,8 @@ def parse(argv=None):
     p.add_argument("--len-limit", type=int, default=1 << 21)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--csv", default="benchmarks/results/cp.csv")
+    p.add_argument("--csv", default=None, help="rows appended here (default: benchmarks/results/<gpu kind>.csv; "
+                   "--device cpu: $OUT or the temp folder)")
     return p.parse_args(argv)
 
 
@@ -638,7 +649,7 @@ def main(argv=None) -> int:
     b = Bench(args)
     modes = [m for m in args.modes.split(",") if m]
     H, Hkv = args.heads, args.kv_heads
-    log(f"{b.world} x {b.meta['gpu']}, torch {b.meta['torch']}, triton {b.meta['triton']}, nccl {b.meta['nccl']}")
+    log(f"{b.world} x {b.env['device']}, torch {b.env['torch']}, triton {b.env['triton']}, nccl {b.meta['nccl']}")
     kernels = [x for x in args.kernels.split(",") if x]
     if args.check_len:
         b.check(args.check_len, H, Hkv, modes, kernels)
@@ -669,14 +680,11 @@ def main(argv=None) -> int:
             + ("" if _cuda() else " -- CPU smoke run: synthetic memory figures"))
         b.max_len_fit(H, Hkv, [m for m in args.max_len_modes.split(",") if m])
     if b.rank == 0:
-        os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(b.rows)
-        print(f"wrote {len(b.rows)} rows to {args.csv}", flush=True)
+        path = args.csv or results_csv(RESULTS, DEV, not _cuda(), "bench_cp")
+        rec = Recorder("bench_cp", path, env=b.env, echo=False)
+        for r in b.rows:
+            rec.add(**schema_row(r))
+        print(f"wrote {len(rec.rows)} rows to {path}", flush=True)
     dist.destroy_process_group()
     return 0
 

@@ -16,7 +16,10 @@ Per case and provider (ours; SDPA cuDNN and flash with ``enable_gqa=True``):
 * correctness of ours against ``qwen3vl_flash.reference`` at the same shapes (2x rule), the direct
   launch against Triton's launcher (bitwise), and graph replay against eager (bitwise).
 
-Rows go to ``$OUT/decode_<gpu>.csv`` (or ``--csv``); a short table is printed last.
+Rows (``qwen3vl_flash.benchmarking`` schema, bench ``bench_decode``: one row per measured
+quantity, metric ``time`` (do_bench), ``graph time``, ``host time``, ``host time, L varying``; the
+correctness figures in ``extra``) are appended to ``benchmarks/results/<gpu kind>.csv`` (or
+``--csv``) as each case finishes; a short table is printed last.
 
     PYTHONPATH=src python3 benchmarks/bench_decode.py             # on a GPU
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/bench_decode.py --smoke   # CPU code-path check
@@ -25,8 +28,6 @@ Rows go to ``$OUT/decode_<gpu>.csv`` (or ``--csv``); a short table is printed la
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import math
 import os
 import statistics
@@ -37,6 +38,7 @@ import torch
 
 from qwen3vl_flash.backends import triton_decode as td
 from qwen3vl_flash.backends.base import AttnParams
+from qwen3vl_flash.benchmarking import Recorder, do_bench_quantiles, extra, results_csv
 from qwen3vl_flash.hardware.profiles import profile_for_device
 from qwen3vl_flash.reference import attention_ref
 
@@ -53,20 +55,39 @@ SMOKE_CASES = [
     ("B1-L200", [200], 216),
     ("B3-ragged", [150, 3, 64], 216),
 ]
-FIELDS = ["case", "provider", "mode", "B", "L_max", "L_sum", "kv_bytes", "us_p20", "us_p50", "us_p80", "tbps",
-          "graph_us", "graph_tbps", "host_us", "host_us_varying_L", "max_err", "torch_err", "ok", "note",
-          "gpu", "torch", "triton", "cudnn", "date"]
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# the measured quantities of a row of this script -> (metric, percentile keys, rate key)
+METRICS = [
+    ("time", ("us_p20", "us_p50", "us_p80"), "tbps"),
+    ("graph time", (None, "graph_us", None), "graph_tbps"),
+    ("host time", (None, "host_us", None), None),
+    ("host time, L varying", (None, "host_us_varying_L", None), None),
+]
 
 
-def _versions():
-    try:
-        import triton
+def schema_rows(r: dict, dtype: str):
+    """One row of this script (a case x provider x mode with its timings) as rows of the
+    benchmark schema: one per measured quantity; a row that measured nothing (an error) as one."""
+    def val(key):  # nan (a float here, a string in an archived CSV) is "not measured"
+        v = r.get(key, "") if key else ""
+        return "" if str(v) == "nan" else v
 
-        tv = triton.__version__
-    except ImportError:
-        tv = "-"
-    cudnn = torch.backends.cudnn.version() if torch.cuda.is_available() else None
-    return torch.__version__, tv, str(cudnn or "-")
+    ok = r.get("ok", "")
+    status = "ok" if str(ok) in ("", "True") else "FAILED"
+    if str(r.get("note", "")).startswith(("Error", "Runtime", "Value", "Type", "NotImpl", "Assert")):
+        status = "error"
+    ex = extra(B=r.get("B"), L_max=r.get("L_max"), L_sum=r.get("L_sum"), kv_bytes=r.get("kv_bytes"),
+               max_err=r.get("max_err"), torch_err=r.get("torch_err"), ok=ok, note=r.get("note"))
+    base = dict(case=r["case"], provider=r["provider"], mode=r["mode"], dtype=dtype, x_name="L" if "L_max" in r else "",
+                x=r.get("L_max", ""), status=status, extra=ex)
+    out = []
+    for metric, keys, rate in METRICS:
+        p = [val(k) for k in keys]
+        if p[1] == "":
+            continue
+        out.append(dict(base, metric=metric, unit="us", p20=p[0], p50=p[1], p80=p[2], rate=val(rate),
+                        rate_unit="TB/s" if rate else ""))
+    return out or [dict(base, metric="time", unit="us")]
 
 
 class Case:
@@ -144,10 +165,7 @@ def sdpa(c: Case, backend_name: str, masked: bool, contiguous: bool = False):
 
 def device_us(fn, cuda: bool):
     if cuda:
-        import triton
-
-        ps = triton.testing.do_bench(lambda: fn(0), warmup=25, rep=200, quantiles=[0.2, 0.5, 0.8])
-        return [x * 1e3 for x in ps]
+        return [x * 1e3 for x in do_bench_quantiles(lambda: fn(0), warmup=25, rep=200)]
     ts = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -182,8 +200,10 @@ def graph_us(fn, n_rot: int, reps: int):
     return statistics.median(times), graph, outs
 
 
-def host_us(fn, cuda: bool, n: int = 200, vary=None):
-    """Host µs per call: ``n`` calls without synchronising (the GPU queue absorbs them)."""
+def host_us(fn, cuda: bool, n: int = 0, vary=None):
+    """Host µs per call: ``n`` calls without synchronising (the GPU queue absorbs them); by
+    default 200 on a GPU, 3 on the CPU (the interpreter: a code-path check)."""
+    n = n or (200 if cuda else 3)
     for i in range(3):
         fn(i) if vary is None else fn(i, vary(i))
     if cuda:
@@ -229,20 +249,21 @@ def main(argv=None):
         H, Hkv, D, dtype, cases = 32, 8, 128, torch.bfloat16, CASES
     if args.only:
         cases = [c for c in cases if c[0] in args.only.split(",")]
-    gpu = torch.cuda.get_device_name() if cuda else "cpu-interpreter"
-    tv, trv, cudnn = _versions()
-    date = datetime.date.today().isoformat()
-    out_dir = os.environ.get("OUT", ".")
-    path = args.csv or os.path.join(out_dir, f"decode_{gpu.replace(' ', '_').replace('/', '_')}.csv")
+    rec = Recorder("bench_decode", args.csv or results_csv(RESULTS, device, args.smoke, "bench_decode"),
+                   device=device, echo=False)
+    env = rec.env
     rows = []
 
-    def row(c, provider, mode, **kw):
-        r = dict(case=c.name, provider=provider, mode=mode, B=c.B, L_max=c.L_max, L_sum=c.L_sum,
-                 kv_bytes=c.kv_bytes, gpu=gpu, torch=tv, triton=trv, cudnn=cudnn, date=date)
-        r.update(kw)
+    def keep(r):
         rows.append(r)
-        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                        if k not in ("gpu", "torch", "triton", "cudnn", "date")), flush=True)
+        for sr in schema_rows(r, "bfloat16"):
+            rec.add(**sr)
+
+    def row(c, provider, mode, **kw):
+        r = dict(case=c.name, provider=provider, mode=mode, B=c.B, L_max=c.L_max, L_sum=c.L_sum, kv_bytes=c.kv_bytes)
+        r.update(kw)
+        keep(r)
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
 
     for name, lens, cap in cases:
         per_buf = len(lens) * cap * Hkv * D * 2 * 2
@@ -353,7 +374,7 @@ def main(argv=None):
             c = Case(name, lens, cap, H, Hkv, D, dtype, device, n_rot)
             base_prof = c.p.profile
             for label, over in variants:
-                prof = base_prof.replace(name=f"tune-{label}", triton={**base_prof.triton, "decode": over})
+                prof = base_prof.replace(name=f"tune-{label}", triton=base_prof.triton.replace(decode=base_prof.triton.decode.replace(**over)))
                 c.p = AttnParams(c.p.softmax_scale, True, profile=prof)
                 fn = ours(c)
                 try:
@@ -363,7 +384,7 @@ def main(argv=None):
                 except Exception as exc:  # noqa: BLE001
                     row(c, "triton", f"tune {label}", note=f"{type(exc).__name__}: {exc}"[:160])
                     continue
-                ns = td.num_splits(Hkv, cap, H // Hkv, td._num_sms(device), td._cfg(c.p))
+                ns = td.num_splits(Hkv, cap, H // Hkv, td._num_sms(device), td._tiles(c.p))
                 row(c, "triton", f"tune {label} (splits={ns})", us_p20=p[0], us_p50=p[1], us_p80=p[2],
                     tbps=c.kv_bytes / (p[1] * 1e-6) / 1e12, graph_us=g, graph_tbps=c.kv_bytes / (g * 1e-6) / 1e12)
             del c
@@ -371,20 +392,12 @@ def main(argv=None):
         x = torch.empty(1, device=device)
         h_alloc = host_us(lambda i=0: [torch.empty((4096,), device=device) for _ in range(3)], cuda)
         h_add = host_us(lambda i=0: x.add_(1), cuda)
-        rows.append(dict(case="host-floor", provider="torch", mode="3x torch.empty", host_us=h_alloc, gpu=gpu,
-                         torch=tv, triton=trv, cudnn=cudnn, date=date))
-        rows.append(dict(case="host-floor", provider="torch", mode="x.add_(1)", host_us=h_add, gpu=gpu,
-                         torch=tv, triton=trv, cudnn=cudnn, date=date))
+        keep(dict(case="host-floor", provider="torch", mode="3x torch.empty", host_us=h_alloc))
+        keep(dict(case="host-floor", provider="torch", mode="x.add_(1)", host_us=h_add))
         print(f"host floor: 3x torch.empty {h_alloc:.1f} us, x.add_(1) {h_add:.1f} us")
 
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
-
-    print(f"\n{gpu}, torch {tv}, triton {trv}, cuDNN {cudnn}, {date}; 32/8 heads hd128 bf16, Snew=1" if not args.smoke
-          else f"\nsmoke ({gpu})")
+    print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}, {env['date']}; "
+          "32/8 heads hd128 bf16, Snew=1" if not args.smoke else f"\nsmoke ({env['device']})")
     print(f"{'case':24} {'provider':14} {'mode':30} {'us p50':>8} {'TB/s':>6} {'graph us':>9} {'TB/s':>6} "
           f"{'host us':>8} {'host varL':>9} ok")
     fmt = lambda x, s: (f"{x:{s}}" if isinstance(x, float) and not math.isnan(x) else f"{'-':>{s.split('.')[0]}}")  # noqa: E731
@@ -397,7 +410,7 @@ def main(argv=None):
     for r in rows:
         if str(r["mode"]).startswith("host:") or r["case"] == "host-floor":
             print(f"{r['case']:24} host us/call, {r['mode']}: {fmt(r.get('host_us', ''), '6.1f')}")
-    print(f"csv: {path}")
+    print(f"rows appended to {rec.path}")
     return 0 if all(r.get("ok", True) is not False for r in rows) else 1
 
 

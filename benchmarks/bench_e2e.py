@@ -14,8 +14,10 @@ model switched between implementations (``sdpa`` first, then ``qwen3vl_flash.ena
 Per case and implementation: median wall time (CUDA-synchronised) over ``--repeats`` after a
 warm-up, time inside attention (CUDA events around every call of the registered attention
 function, summed; its share of the wall time), peak memory allocated above the start, and for
-decode the tokens/s. Rows (with the GPU name, versions and date) go to
-``benchmarks/results/e2e_<gpu>_<date>.csv`` (or ``--csv``); a table is printed last.
+decode the tokens/s. Rows (``qwen3vl_flash.benchmarking`` schema, bench ``bench_e2e``: per case and
+implementation a ``wall time`` row, with the peak memory and, for decode, tokens/s as its rate,
+and an ``attention time`` row) are appended to ``benchmarks/results/<gpu kind>.csv`` (or
+``--csv``); a table is printed last.
 
     PYTHONPATH=src python3 benchmarks/bench_e2e.py                    # on one GPU (H100: ~10 min)
     PYTHONPATH=src python3 benchmarks/bench_e2e.py --cases vision-video,prefill --layers 4
@@ -26,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
 import os
 import statistics
 import sys
@@ -37,27 +37,28 @@ from contextlib import contextmanager
 import torch
 
 import qwen3vl_flash as qf
+from qwen3vl_flash.benchmarking import Recorder, extra, other_versions, results_csv
 from qwen3vl_flash.testing import tiny
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 K = 1024
 ALL_CASES = ["vision-video", "vision-image", "prefill", "decode-dynamic-4k", "decode-dynamic-32k", "decode-static-4k"]
-FIELDS = ["case", "impl", "tokens", "ms_p50", "ms_min", "attn_ms", "attn_share", "peak_mb", "tokens_per_s",
-          "same_as_sdpa", "note", "config", "layers", "vision_depth", "dtype", "gpu", "torch", "transformers",
-          "triton", "date"]
 
 
-def _versions(device):
-    import transformers
-
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = ""
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return dict(gpu=gpu, torch=torch.__version__, transformers=transformers.__version__, triton=tv,
-                date=datetime.date.today().isoformat())
+def schema_rows(r: dict):
+    """One (case, implementation) result as rows of the benchmark schema: wall time (with the peak
+    memory and tokens/s) and the time inside attention (also used on the archived CSVs)."""
+    base = dict(case=r["case"], provider=r["impl"], mode="inference", dtype=r["dtype"], x_name="tokens",
+                x=r["tokens"], unit="ms")
+    ex = dict(config=r["config"], layers=r["layers"], vision_depth=r["vision_depth"], note=r["note"])
+    versions = r.get("versions") or (f"transformers={r['transformers']}" if r.get("transformers") else "")
+    wall = dict(base, metric="wall time", p50=r["ms_p50"], memory_mb=r["peak_mb"],
+                extra=extra(versions, ms_min=r["ms_min"], same_as_sdpa=r["same_as_sdpa"], **ex))
+    if str(r["tokens_per_s"]) not in ("nan", ""):  # decode: the rate
+        wall.update(rate=r["tokens_per_s"], rate_unit="tok/s")
+    attn = dict(base, metric="attention time", p50=r["attn_ms"], extra=extra(attn_share=r["attn_share"], **ex))
+    return [wall, attn]
 
 
 def _sync(device):
@@ -222,7 +223,9 @@ def run(args) -> int:
         cfg = tiny.real_config(args.config, layers=args.layers, vision_depth=args.vision_depth)
     cases = ALL_CASES if args.cases == "all" else args.cases.split(",")
     meta = dict(config="tiny" if smoke else args.config, layers=cfg.text_config.num_hidden_layers,
-                vision_depth=cfg.vision_config.depth, dtype=args.dtype, **_versions(device))
+                vision_depth=cfg.vision_config.depth, dtype=args.dtype, versions=other_versions("transformers"))
+    rec = Recorder("bench_e2e", args.csv or results_csv(RESULTS, device, smoke, "bench_e2e"), device=device,
+                   echo=False)
     t_start = time.perf_counter()
 
     def progress(msg):  # a long run that gets killed still shows how far it got
@@ -316,18 +319,10 @@ def run(args) -> int:
                 print(f"{case:20s} {impl:14s} tokens {tokens:6d}  {p50:9.2f} ms  attn {attn:9.2f} ms "
                       f"({attn / p50:5.1%})  peak {peak:9.1f} MB  {tokens_per_s:8.2f} tok/s  {same}", flush=True)
 
-    path = args.csv
-    if path is None:
-        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-        gpu = meta["gpu"].replace(" ", "_").replace("/", "_")
-        path = os.path.join(os.path.dirname(__file__), "results", f"e2e_{gpu}_{meta['date']}.csv")
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"\nrows appended to {path}")
+    for r in rows:
+        for sr in schema_rows(r):
+            rec.add(**sr)
+    print(f"\nrows appended to {rec.path}")
     print(f"\n{'case':20s} {'speed-up':>9s} {'attn speed-up':>14s} {'peak ratio':>11s}")
     by = {(r["case"], r["impl"]): r for r in rows}
     for case in cases:

@@ -1,20 +1,21 @@
 """Our Triton FA2 kernels against PyTorch SDPA (flash / cuDNN / efficient) on one GPU, same run.
 
-    PYTHONPATH=src python3 benchmarks/bench_gpu.py --out results/      # on the GPU
-    TRITON_INTERPRET=1 python benchmarks/bench_gpu.py --smoke          # CPU, tiny shapes: typo check
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py                     # on the GPU: results/<gpu>.csv
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --csv $OUT/h200.csv # elsewhere (a lent machine)
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/bench_gpu.py --smoke   # CPU, tiny shapes: typo check
 
 Steps: (1) correctness at full shapes against qwen3vl_flash.reference (2x/3x rule); (2) a short
 tile sweep for the forward and backward; (3) the table: text causal 32q/8kv hd128 S=1k..32k,
 vision hd72 16 heads (dense 16k and varlen 8 frames, SDPA as a per-frame loop), split vs padded
 head dim, causal block order; (4) peak extra memory at 32k. Times: triton.testing.do_bench
-median. TFLOP/s = 4*B*H*Sq*Sk*D (/2 causal, x2.5 fwd+bwd). Rows go to gpu_kernels_<date>.csv.
+median (p20/p80 beside it). TFLOP/s = ``attention_flops`` (4*B*H*Sq*Sk*D, /2 causal, x2.5
+fwd+bwd) at the median. Rows (``qwen3vl_flash.benchmarking`` schema, bench ``bench_gpu``; the tile
+in ``extra``) are appended to ``benchmarks/results/<gpu kind>.csv`` as they are measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import math
 import os
 import sys
@@ -26,55 +27,37 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from qwen3vl_flash.backends.triton_bwd import attention_backward  # noqa: E402
 from qwen3vl_flash.backends.triton_fwd import attention_forward  # noqa: E402
+from qwen3vl_flash.benchmarking import (  # noqa: E402
+    Recorder,
+    attention_flops,
+    do_bench_quantiles,
+    extra,
+    results_csv,
+    tflops,
+    tile_str,
+    tiles,
+)
 from qwen3vl_flash.reference import attention_ref, attention_ref_varlen  # noqa: E402
 
-DATE = "2026-11-25"
-FIELDS = ["op", "provider", "mode", "shape", "config", "ms", "tflops", "note", "gpu", "torch", "triton", "date"]
-
-
-class Rows:
-    def __init__(self, path, gpu):
-        self.path, self.gpu = path, gpu
-        import triton
-
-        self.meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, date=DATE)
-        self.rows = []
-        with open(path, "w", newline="") as f:
-            csv.DictWriter(f, FIELDS).writeheader()
-
-    def add(self, **row):
-        row = {**{k: "" for k in FIELDS}, **row, **self.meta}
-        self.rows.append(row)
-        with open(self.path, "a", newline="") as f:  # appended as we go: a timeout keeps what ran
-            csv.DictWriter(f, FIELDS).writerow(row)
-        print(f"  {row['op']:<34} {row['provider']:<22} {row['mode']:<7} {row['ms']:>9} ms "
-              f"{row['tflops']:>7} TF/s {row['config']} {row['note']}", flush=True)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+NAN3 = (float("nan"),) * 3
 
 
 def bench(fn, smoke):
+    """(p20, p50, p80) ms (do_bench); in a smoke run one call and nan."""
     if smoke:
         fn()
-        return float("nan")
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return NAN3
+    return do_bench_quantiles(fn, warmup=25, rep=100)
 
 
-def flops(B, H, Sq, Sk, D, causal, mode):
-    f = 4.0 * B * H * Sq * Sk * D * (0.5 if causal else 1.0)
-    return f * (2.5 if mode == "fwd+bwd" else 1.0)
+def timed(ps, fl):
+    """The timing columns of a row: percentiles and TFLOP/s at the median."""
+    return dict(p20=ps[0], p50=ps[1], p80=ps[2], rate=tflops(fl, ps[1]), rate_unit="TFLOP/s")
 
 
-def tf(fl, ms):
-    return "" if not ms == ms else f"{fl / (ms * 1e-3) / 1e12:.1f}"
-
-
-def cfgs(s):
-    return {"BLOCK_M": s[0], "BLOCK_N": s[1], "num_warps": s[2], "num_stages": s[3]}
-
-
-def cfg_str(c):
-    return "" if c is None else f"{c['BLOCK_M']}x{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}"
+def failed(exc):
+    return f"failed: {type(exc).__name__}: {str(exc)[:60]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,73 +203,80 @@ def check_correct(dev, dtype, smoke, log):
     return ok
 
 
-FWD_SWEEP = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)]
-BWD_SWEEP = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 4, 3), (32, 64, 4, 3)]
+FWD_SWEEP = tiles((128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3))
+BWD_SWEEP = tiles((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 4, 3), (32, 64, 4, 3))
 
 
-def sweep(rows, label, make, configs, fl, smoke, mode):
+def sweep(rec, case, S, make, configs, fl, smoke, mode):
     best, best_ms = None, math.inf
-    for c in configs:
-        cfg = cfgs(c)
+    for cfg in configs:
         try:
-            ms = bench(make(cfg), smoke)
+            ps = bench(make(cfg), smoke)
         except Exception as exc:  # out of shared memory / registers
-            rows.add(op=label, provider="triton-sweep", mode=mode, config=cfg_str(cfg), note=f"failed: {type(exc).__name__}")
+            rec.add(case=case, x_name="S", x=S, provider="triton-sweep", mode=mode, dtype="bfloat16",
+                    status=f"failed: {type(exc).__name__}", extra=extra(tile=tile_str(cfg)))
             continue
-        rows.add(op=label, provider="triton-sweep", mode=mode, config=cfg_str(cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
-        if ms < best_ms or best is None:
-            best, best_ms = cfg, ms
+        rec.add(case=case, x_name="S", x=S, provider="triton-sweep", mode=mode, dtype="bfloat16", **timed(ps, fl),
+                extra=extra(tile=tile_str(cfg)))
+        if ps[1] < best_ms or best is None:
+            best, best_ms = cfg, ps[1]
     return best
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter typo check)")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--csv", default=None, help="rows appended here (default: benchmarks/results/<gpu kind>.csv; "
+                    "a smoke run: $OUT or the temp folder)")
     ap.add_argument("--skip", default="", help="comma list of steps to skip: check,sweep,text,vision,mem")
     args = ap.parse_args()
     smoke = args.smoke
     skip = set(filter(None, args.skip.split(",")))
     dev = "cpu" if smoke else "cuda"
     dtype = torch.bfloat16
-    gpu = "cpu-interpreter" if smoke else torch.cuda.get_device_name()
-    os.makedirs(args.out, exist_ok=True)
-    rows = Rows(os.path.join(args.out, f"gpu_kernels_{DATE}.csv"), gpu)
+    rec = Recorder("bench_gpu", args.csv or results_csv(RESULTS, dev, smoke, "bench_gpu"), device=dev)
+    gpu = rec.env["device"]
     t0 = time.time()
     log = lambda m: print(f"[{time.time() - t0:6.1f}s] {m}", flush=True)  # noqa: E731
-    log(f"device {gpu}, torch {torch.__version__}")
+    log(f"device {gpu}, torch {torch.__version__}; rows to {rec.path}")
+
+    def add(case, x, provider, mode, ps=None, fl=None, cfg=None, x_name="S", status="ok", note=""):
+        cols = timed(ps, fl) if ps is not None else {}
+        rec.add(case=case, x_name=x_name, x=x, provider=provider, mode=mode, dtype="bfloat16", status=status,
+                extra=extra(tile=tile_str(cfg), note=note), **cols)
 
     if "check" not in skip:
         ok = check_correct(dev, dtype, smoke, log)
-        rows.add(op="correctness (2x out / 3x grads)", provider="triton", mode="check", note="PASS" if ok else "FAIL")
+        rec.add(case="correctness (2x out / 3x grads)", provider="triton", mode="check", dtype="bfloat16",
+                metric="check", unit="", status="PASS" if ok else "FAIL")
 
     text = [256] if smoke else [1024, 4096, 16384, 32768]
     H, Hkv, D = (4, 2, 128) if smoke else (32, 8, 128)
+    text_case = f"text causal {H}/{Hkv} hd{D} B=1"
     fwd_cfg = bwd_cfg = None
     if smoke:
         fwd_cfg = bwd_cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     else:  # the profile's measured tiles, unless the sweep below replaces them
         from qwen3vl_flash.hardware.profiles import profile_for_device
 
-        tri = profile_for_device(torch.device("cuda")).triton or {}
-        fwd_cfg, bwd_cfg = tri.get("fwd"), tri.get("bwd")
+        tri = profile_for_device(torch.device("cuda")).triton
+        fwd_cfg, bwd_cfg = (t.as_config() if t is not None else None for t in (tri.fwd, tri.bwd))
 
     # -- tile sweep at S=4k (16k for the forward too), picks the configs used below
     if "sweep" not in skip and not smoke:
         S = 4096
         q, k, v, do = rand(1, S, H, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev), rand(1, S, H, D, dtype=dtype, dev=dev)
-        fwd_cfg = sweep(rows, f"text causal hd128 S={S}", lambda c: ours_fwd(q, k, v, True, c), FWD_SWEEP,
-                        flops(1, H, S, S, D, True, "fwd"), smoke, "fwd")
-        bwd_cfg = sweep(rows, f"text causal hd128 S={S}", lambda c: ours_fwdbwd(q, k, v, do, True, fwd_cfg, c), BWD_SWEEP,
-                        flops(1, H, S, S, D, True, "fwd+bwd"), smoke, "fwd+bwd")
-        log(f"chosen fwd {cfg_str(fwd_cfg)}, bwd {cfg_str(bwd_cfg)}")
+        fwd_cfg = sweep(rec, text_case, S, lambda c: ours_fwd(q, k, v, True, c), FWD_SWEEP,
+                        attention_flops(1, H, S, S, D, True, "fwd"), smoke, "fwd")
+        bwd_cfg = sweep(rec, text_case, S, lambda c: ours_fwdbwd(q, k, v, do, True, fwd_cfg, c), BWD_SWEEP,
+                        attention_flops(1, H, S, S, D, True, "fwd+bwd"), smoke, "fwd+bwd")
+        log(f"chosen fwd {tile_str(fwd_cfg)}, bwd {tile_str(bwd_cfg)}")
         del q, k, v, do
 
     if "text" not in skip:
         for S in text:
             q, k, v = rand(1, S, H, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev), rand(1, S, Hkv, D, dtype=dtype, dev=dev)
             do = rand(1, S, H, D, dtype=dtype, dev=dev)
-            op = f"text causal {H}/{Hkv} hd{D} S={S}"
             modes = ["fwd"] + (["fwd+bwd"] if S <= 16384 else [])
             s_cfg = fwd_cfg
             if not smoke and "sweep" in skip:  # the profile's tile for this length (fwd_long_hd128 from 8k)
@@ -294,21 +284,20 @@ def main():
 
                 s_cfg = _config_dict(_config_list(profile_for_device(torch.device("cuda")), "fwd", D, S)) or fwd_cfg
             for mode in modes:
-                fl = flops(1, H, S, S, D, True, mode)
+                fl = attention_flops(1, H, S, S, D, True, mode)
                 fn = ours_fwd(q, k, v, True, s_cfg) if mode == "fwd" else ours_fwdbwd(q, k, v, do, True, s_cfg, bwd_cfg)
-                ms = bench(fn, smoke)
-                rows.add(op=op, provider="triton", mode=mode, config=cfg_str(s_cfg if mode == "fwd" else bwd_cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
+                add(text_case, S, "triton", mode, bench(fn, smoke), fl, s_cfg if mode == "fwd" else bwd_cfg)
                 if mode == "fwd" and S == 16384 and not smoke:  # causal block order
-                    ms2 = bench(ours_fwd(q, k, v, True, fwd_cfg, reverse=False), smoke)
-                    rows.add(op=op, provider="triton natural order", mode=mode, config=cfg_str(fwd_cfg), ms=f"{ms2:.4f}", tflops=tf(fl, ms2))
+                    ps = bench(ours_fwd(q, k, v, True, fwd_cfg, reverse=False), smoke)
+                    add(text_case, S, "triton natural order", mode, ps, fl, fwd_cfg)
                 if smoke:
                     continue
                 for kind in SDPA_KINDS:
                     try:
-                        ms = bench(sdpa_fn(kind, q, k, v, True, mode, do), smoke)
-                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, ms=f"{ms:.4f}", tflops=tf(fl, ms), note="K/V repeated")
+                        add(text_case, S, f"sdpa-{kind}", mode, bench(sdpa_fn(kind, q, k, v, True, mode, do), smoke), fl,
+                            note="K/V repeated")
                     except Exception as exc:
-                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, note=f"failed: {type(exc).__name__}: {str(exc)[:60]}")
+                        add(text_case, S, f"sdpa-{kind}", mode, status=failed(exc))
                 torch.cuda.empty_cache()
             del q, k, v, do
 
@@ -317,39 +306,36 @@ def main():
         # dense S=16k, split vs padded head dim
         S = 128 if smoke else 16384
         q, k, v, do = (rand(1, S, Hv, Dv, dtype=dtype, dev=dev) for _ in range(4))
-        op = f"vision hd72 {Hv}h dense S={S}"
+        case = f"vision hd72 {Hv}h dense"
         for mode in ("fwd", "fwd+bwd"):
-            fl = flops(1, Hv, S, S, Dv, False, mode)
+            fl = attention_flops(1, Hv, S, S, Dv, False, mode)
             for split in ("split", "pad"):
                 fn = ours_fwd(q, k, v, False, fwd_cfg, split) if mode == "fwd" else ours_fwdbwd(q, k, v, do, False, fwd_cfg, bwd_cfg, split=split)
-                ms = bench(fn, smoke)
-                rows.add(op=op, provider=f"triton {split}", mode=mode, config=cfg_str(fwd_cfg if mode == "fwd" else bwd_cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
+                add(case, S, f"triton {split}", mode, bench(fn, smoke), fl, fwd_cfg if mode == "fwd" else bwd_cfg)
             if not smoke:
                 for kind in SDPA_KINDS:
                     try:
-                        ms = bench(sdpa_fn(kind, q, k, v, False, mode, do), smoke)
-                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, ms=f"{ms:.4f}", tflops=tf(fl, ms))
+                        add(case, S, f"sdpa-{kind}", mode, bench(sdpa_fn(kind, q, k, v, False, mode, do), smoke), fl)
                     except Exception as exc:
-                        rows.add(op=op, provider=f"sdpa-{kind}", mode=mode, note=f"failed: {type(exc).__name__}: {str(exc)[:60]}")
+                        add(case, S, f"sdpa-{kind}", mode, status=failed(exc))
         del q, k, v, do
         # varlen: 8 frames, ~18k tokens
         lens = [40, 70, 33, 64, 50, 20, 90, 61] if smoke else [1024, 4096, 2048, 3136, 1600, 2304, 1936, 2000]
         T = sum(lens)
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
         q, k, v, do = (rand(T, Hv, Dv, dtype=dtype, dev=dev) for _ in range(4))
-        op = f"vision hd72 {Hv}h varlen 8 frames T={T}"
+        case = f"vision hd72 {Hv}h varlen 8 frames"
         for mode in ("fwd", "fwd+bwd"):
-            fl = sum(flops(1, Hv, L, L, Dv, False, mode) for L in lens)
+            fl = sum(attention_flops(1, Hv, L, L, Dv, False, mode) for L in lens)
             fn = ours_fwd(q, k, v, False, fwd_cfg, varlen=(cu, max(lens))) if mode == "fwd" else ours_fwdbwd(q, k, v, do, False, fwd_cfg, bwd_cfg, varlen=(cu, max(lens)))
-            ms = bench(fn, smoke)
-            rows.add(op=op, provider="triton varlen", mode=mode, config=cfg_str(fwd_cfg if mode == "fwd" else bwd_cfg), ms=f"{ms:.4f}", tflops=tf(fl, ms))
+            add(case, T, "triton varlen", mode, bench(fn, smoke), fl, fwd_cfg if mode == "fwd" else bwd_cfg, x_name="T")
             if not smoke:
                 for kind in SDPA_KINDS:
                     try:
-                        ms = bench(sdpa_varlen_loop(kind, q, k, v, lens, mode, do), smoke)
-                        rows.add(op=op, provider=f"sdpa-{kind} per-frame loop", mode=mode, ms=f"{ms:.4f}", tflops=tf(fl, ms))
+                        ps = bench(sdpa_varlen_loop(kind, q, k, v, lens, mode, do), smoke)
+                        add(case, T, f"sdpa-{kind} per-frame loop", mode, ps, fl, x_name="T")
                     except Exception as exc:
-                        rows.add(op=op, provider=f"sdpa-{kind} per-frame loop", mode=mode, note=f"failed: {type(exc).__name__}: {str(exc)[:60]}")
+                        add(case, T, f"sdpa-{kind} per-frame loop", mode, x_name="T", status=failed(exc))
         del q, k, v, do
 
     if "mem" not in skip and not smoke:
@@ -362,14 +348,17 @@ def main():
         o, lse = attention_forward(q, k, v, D ** -0.5, True, config=fwd_cfg)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        rows.add(op=f"text causal S={S} peak extra memory", provider="triton", mode="fwd",
-                 note=f"peak {peak / 2**20:.1f} MiB (out+lse incl.) vs inputs+outputs {io / 2**20:.1f} MiB: {(peak + io - q.numel() * q.element_size()) / io:.3f}x")
+        rec.add(case=text_case, x_name="S", x=S, provider="triton", mode="fwd", dtype="bfloat16", metric="peak memory",
+                unit="", memory_mb=peak / 2**20, extra=extra(
+                    tile=tile_str(fwd_cfg), inputs_outputs_mib=io / 2**20,
+                    ratio=(peak + io - q.numel() * q.element_size()) / io,
+                    note="peak incl. out+lse; ratio = (peak + inputs) / (inputs + outputs)"))
         del o, lse
 
     print("\n=== summary (bf16, median ms, TFLOP/s) on", gpu, "===")
-    for r in rows.rows:
+    for r in rec.rows:
         if r["provider"] != "triton-sweep":
-            print(f"{r['op']:<40} {r['provider']:<28} {r['mode']:<7} {r['ms']:>9} {r['tflops']:>7} {r['config']} {r['note']}")
+            Recorder.print_row(r)
     log("done")
 
 

@@ -250,14 +250,57 @@ KVCACHE_BAD = [
 ]
 
 
-@pytest.mark.parametrize("over,exc,pattern", [pytest.param(o, e, r, id=i) for i, o, e, r in KVCACHE_BAD])
-def test_flash_attn_with_kvcache_rejects_and_leaves_cache(over, exc, pattern):
-    args = _cache_args(**over)
+def _paged_args(**over):
+    B, num_pages, page, Hkv, D = 2, 6, 16, 2, 16
+    args = dict(
+        q=randn(B, 1, 4, D), k_cache=randn(num_pages, page, Hkv, D), v_cache=randn(num_pages, page, Hkv, D),
+        k=randn(B, 2, Hkv, D), v=randn(B, 2, Hkv, D), cache_seqlens=_i32([3, 20]),
+        block_table=_i32([[0, 1], [2, 5]]),  # capacity 2 pages x 16 = 32 keys per row
+    )
+    args.update(over)
+    return args
+
+
+PAGED_BAD = [
+    ("block_table-float", dict(block_table=torch.zeros(2, 2)), TypeError, r"block_table.*int32"),
+    ("block_table-batch", dict(block_table=_i32([[0, 1], [2, 3], [4, 5]])), ValueError, r"block_table.*shape"),
+    ("block_table-1d", dict(block_table=_i32([0, 1])), ValueError, r"block_table.*shape"),
+    ("block_table-device", dict(block_table=torch.zeros(2, 2, dtype=torch.int32, device="meta")), ValueError,
+     r"block_table.*device"),
+    ("page-out-of-range", dict(block_table=_i32([[0, 1], [2, 6]])), ValueError, r"page indices outside \[0, 6\)"),
+    ("page-negative", dict(block_table=_i32([[-1, 1], [2, 3]])), ValueError, r"page indices.*min -1"),
+    ("overflow", dict(cache_seqlens=_i32([3, 31])), ValueError,
+     r"cache overflow.*block table's capacity Smax=32 \(2 pages x page_size 16\)"),
+    ("leftpad", dict(cache_leftpad=_i32([0, 0])), ValueError, r"cache_leftpad.*paged"),
+]
+
+
+@pytest.mark.parametrize(
+    "make,over,exc,pattern",
+    [pytest.param(_cache_args, o, e, r, id=i) for i, o, e, r in KVCACHE_BAD]
+    + [pytest.param(_paged_args, o, e, r, id=f"paged-{i}") for i, o, e, r in PAGED_BAD],
+)
+def test_flash_attn_with_kvcache_rejects_and_leaves_cache(make, over, exc, pattern):
+    """Bad arguments raise naming the argument, before anything is written (paged: the block-table
+    checks, shapes and the values of the pages each row uses)."""
+    args = make(**over)
     kc, vc = args["k_cache"], args["v_cache"]
     kc0, vc0 = kc.clone(), vc.clone()
     with pytest.raises(exc, match=pattern):
         qf.flash_attn_with_kvcache(**args)
     assert torch.equal(kc, kc0) and torch.equal(vc, vc0), "the cache was modified by a rejected call"
+
+
+def test_paged_kvcache_takes_a_strided_block_table():
+    """A block table with a non-unit stride along its pages gives the contiguous table's result."""
+    bt = _i32([[0, 2], [1, 5]])
+    strided = bt.t().contiguous().t()  # same values, stride (1, 2)
+    assert strided.stride(1) != 1
+    a = _paged_args(block_table=bt)
+    b = dict(a, block_table=strided, k_cache=a["k_cache"].clone(), v_cache=a["v_cache"].clone())
+    out_a = qf.flash_attn_with_kvcache(**a)
+    out_b = qf.flash_attn_with_kvcache(**b)
+    assert torch.equal(out_a, out_b) and torch.equal(a["k_cache"], b["k_cache"])
 
 
 def test_kvcache_explicit_backend_that_cannot_serve_leaves_cache():

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import qwen3vl_flash as qf
+from qwen3vl_flash import conventions
 from qwen3vl_flash.backends.base import get_backend
 from qwen3vl_flash.reference import attention_ref, attention_ref_varlen
 
@@ -441,9 +442,7 @@ def test_reference_varlen_matches_naive():
 
 def test_auto_falls_through_once_with_one_warning(monkeypatch, caplog):
     """An auto-chosen backend that raises falls through to the next, with one logged warning."""
-    import qwen3vl_flash.interface as itf
-
-    monkeypatch.setattr(itf, "_warned", set())
+    monkeypatch.setattr(conventions, "_WARNED", set())  # the one warn-once registry
     q, k, v = make_qkv(1, 16, 16, 2, 2, 32, F32)
     from qwen3vl_flash.backends.base import AttnParams
     from qwen3vl_flash.hardware.profiles import profile_for_device

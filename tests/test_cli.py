@@ -4,6 +4,7 @@ import csv
 
 import pytest
 
+from qwen3vl_flash.benchmarking import FIELDS
 from qwen3vl_flash.cli.main import main
 
 
@@ -33,10 +34,13 @@ def test_bench_writes_csv_and_plots(tmp_path, capsys):
     ])
     assert rc == 0
     rows = list(csv.DictReader(open(out / "bench.csv")))
-    assert {(r["backend"], int(r["seqlen"])) for r in rows} == {
+    assert tuple(rows[0]) == FIELDS  # the benchmark schema, as benchmarks/results/*.csv
+    assert {(r["provider"], int(r["x"])) for r in rows} == {
         (b, s) for b in ("tiled", "sdpa", "eager") for s in (64, 128)
     }
-    assert all(float(r["ms"]) > 0 and float(r["peak_extra_mb"]) >= 0 for r in rows)
+    assert all(r["bench"] == "cli" and r["x_name"] == "S" and r["mode"] == "fwd" for r in rows)
+    assert all(0 < float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in rows)
+    assert all(float(r["memory_mb"]) >= 0 and float(r["rate"]) > 0 and r["date"] and r["torch"] for r in rows)
     pytest.importorskip("matplotlib")
     assert (out / "bench_time.png").stat().st_size > 1000
     assert (out / "bench_memory.png").stat().st_size > 1000

@@ -10,6 +10,7 @@ import torch
 from conftest import BACKENDS, assert_close_to_ref, atol_for, randn, serves_lse, skip_if_unavailable
 
 import qwen3vl_flash as qf
+from qwen3vl_flash import conventions
 from qwen3vl_flash.backends.base import get_backend
 from qwen3vl_flash.reference import attention_ref
 
@@ -203,7 +204,7 @@ def test_auto_falls_back_when_the_fused_decode_path_fails(monkeypatch, caplog):
     monkeypatch.setattr(type(be), "kvcache_attention", broken, raising=False)
     monkeypatch.setattr(type(be), "kvcache_check", lambda self, q, kc, p: None, raising=False)
     monkeypatch.setattr(I, "_KV_DISPATCH", {})
-    monkeypatch.setattr(I, "_warned", set())
+    monkeypatch.setattr(conventions, "_WARNED", set())  # the one warn-once registry
     torch.manual_seed(0)
     q = torch.randn(2, 1, 4, 16)
     kc, vc = torch.randn(2, 12, 2, 16), torch.randn(2, 12, 2, 16)

@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 import qwen3vl_flash as qf  # noqa: E402
+from qwen3vl_flash import conventions  # noqa: E402
 from qwen3vl_flash.testing import tiny  # noqa: E402
 from qwen3vl_flash.integrations import transformers as qt  # noqa: E402
 
@@ -212,7 +213,7 @@ def test_vision_tower_one_varlen_call_per_layer(cfg, models, monkeypatch):
 
 
 def test_output_attentions_falls_back_to_eager_with_one_warning(cfg, models, batch, caplog):
-    qt._warned.discard(("eager", "output_attentions=True"))
+    conventions._WARNED.discard(("eager", "output_attentions=True"))
     with caplog.at_level(logging.WARNING, logger="qwen3vl_flash"):
         with torch.no_grad():
             out = models[NAME](**batch, output_attentions=True)

@@ -7,18 +7,44 @@
    shards) as they are, instead of contiguous copies?
 
 For each, the outputs/gradients against the current path (max |diff|), and the time and peak
-memory of both. Prints a table; writes CSV rows to $OUT/exp_cudnn_gqa.csv (or ./out).
+memory of both. Prints a table; rows (``qwen3vl_flash.benchmarking`` schema, bench
+``experiments/exp_cudnn_gqa``: per case the fwd and bwd time and peak of both paths, the diffs in
+``extra``) are appended to ``benchmarks/results/<gpu kind>.csv`` (or ``--csv``).
 
-    PYTHONPATH=src python3 benchmarks/experiments/exp_cudnn_gqa.py
+    PYTHONPATH=src python3 benchmarks/experiments/exp_cudnn_gqa.py [--csv $OUT/h200.csv]
 """
 
-import csv
+import argparse
 import os
 
 import torch
 
 from qwen3vl_flash.backends.cudnn import _heads_first as hf
 from qwen3vl_flash.backends.cudnn import _repeat_kv, _sum_group, cudnn_backward_op, cudnn_forward_op
+from qwen3vl_flash.benchmarking import Recorder, extra, results_csv
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
+DIFFS = ("out_diff", "lse_diff", "dq_diff", "dk_diff", "dv_diff", "dk_shape")
+
+
+def schema_rows(r):
+    """One row of this script (a case at one S: both paths' times and peaks, the diffs) as rows
+    of the benchmark schema; also used on the archived CSV."""
+    gqa = r["case"] == "gqa"
+    case = "cudnn GQA 32/8 hd128 causal B=1" if gqa else "cudnn half-row views 32/32 hd128 full B=1"
+    variants = (("cudnn K/V repeated", "_copy"), ("cudnn GQA K/V as is", "")) if gqa else \
+        (("cudnn contiguous copy", "_copy"), ("cudnn strided views", ""))
+    diffs = extra(**{k: r.get(k, "") for k in DIFFS}, note="diffs: the second provider against the first")
+    out = []
+    for provider, suffix in variants:
+        for mode in ("fwd", "bwd"):
+            ms = r.get(f"{mode}_ms{suffix}", "")
+            if ms == "":
+                continue
+            out.append(dict(case=case, provider=provider, mode=mode, dtype="bfloat16", x_name="S", x=int(r["S"]),
+                            p50=ms, memory_mb=r.get(f"{mode}_mb{suffix}", ""), status=r["status"],
+                            extra=extra("statistic=median of 20", diffs if not suffix else "")))
+    return out
 
 
 def timed(fn, iters=20):
@@ -52,6 +78,9 @@ def md(a, b):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default=None, help="default: benchmarks/results/<gpu kind>.csv")
+    args = ap.parse_args()
     dev = torch.device("cuda")
     B, H, Hkv, D = 1, 32, 8, 128
     g = H // Hkv
@@ -127,15 +156,12 @@ def main():
         except Exception as e:  # noqa: BLE001
             row.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
         rows.append(row)
-    keys = ["case", "S", "status", "out_diff", "lse_diff", "dq_diff", "dk_diff", "dv_diff", "fwd_ms_copy", "fwd_ms",
-            "bwd_ms_copy", "bwd_ms", "fwd_mb_copy", "fwd_mb", "bwd_mb_copy", "bwd_mb", "dk_shape"]
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "exp_cudnn_gqa.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys + ["gpu", "torch"], extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(r, gpu=torch.cuda.get_device_name(), torch=torch.__version__))
+    keys = ["case", "S", "status", *DIFFS[:-1], "fwd_ms_copy", "fwd_ms", "bwd_ms_copy", "bwd_ms", "fwd_mb_copy",
+            "fwd_mb", "bwd_mb_copy", "bwd_mb", "dk_shape"]
+    rec = Recorder("experiments/exp_cudnn_gqa", args.csv or results_csv(RESULTS, dev), device=dev, echo=False)
+    for r in rows:
+        for sr in schema_rows(r):
+            rec.add(**sr)
     print(torch.cuda.get_device_name(), torch.__version__, "cudnn", torch.backends.cudnn.version())
     for r in rows:
         print("  ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}" for k in keys

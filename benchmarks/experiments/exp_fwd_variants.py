@@ -9,17 +9,19 @@ timed against the package's own kernel and SDPA cuDNN / flash in one run:
   copies whole tiles, zero-filling past each batch's end) instead of pointer arithmetic.
 * ``WS``: ``tl.range(..., warp_specialize=True)`` on the unmasked loop (producer/consumer warps).
 
-    PYTHONPATH=src python3 benchmarks/exp_fwd_variants.py --out $OUT     # on the GPU
-    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/exp_fwd_variants.py --smoke   # CPU logic
+    PYTHONPATH=src python3 benchmarks/experiments/exp_fwd_variants.py --out $OUT     # on the GPU
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/experiments/exp_fwd_variants.py --smoke   # CPU logic
 
-Prints a table (TFLOP/s, causal FLOPs = 2·B·H·S²·D) and writes exp_fwd_variants.csv.
+Prints a table (TFLOP/s, causal FLOPs = 2·B·H·S²·D); rows (``qwen3vl_flash.benchmarking`` schema,
+bench ``experiments/exp_fwd_variants``, one per variant x tile x S; do_bench means) are appended to
+``benchmarks/results/<gpu kind>.csv`` (``--out DIR``: ``DIR/<gpu kind>.csv``; ``--csv PATH``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
+import math
 import os
 import sys
 
@@ -28,7 +30,34 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-LOG2E = 1.4426950408889634
+from qwen3vl_flash.benchmarking import Recorder, attention_flops, extra, results_csv, tiles
+from qwen3vl_flash.benchmarking import tile_str as _c
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
+TEXT = "text causal 32/8 hd128 B=1"
+
+
+def schema_row(r):
+    """One row of this script (or of exp_tma_configs.py, whose ``status`` replaces ``ok``) as a
+    row of the benchmark schema; also used on the archived CSVs of both."""
+    variant, metric = r["variant"], "time"
+    for suffix, m in ((" graph", "graph time"), (" host-us", "host time")):
+        if variant.endswith(suffix):
+            variant, metric = variant[: -len(suffix)], m
+    ok, err = str(r.get("ok", r.get("status", ""))), str(r["err"])
+    if ok in ("True", "-", "ok") or ok.startswith("tma build failed"):
+        status = "ok" if ok in ("True", "-", "ok") else ok
+    elif ok == "False":
+        status = err if err.split(":")[0].endswith(("Error", "Exception")) else "FAILED"
+    else:
+        status = ok
+    timed = metric != "host time"
+    return dict(case=TEXT, provider=variant, mode="fwd", dtype="bfloat16", x_name="S", x=int(r["S"]), metric=metric,
+                p50=r["ms"], rate=r["tflops"] if timed else "", rate_unit="TFLOP/s" if timed else "", status=status,
+                extra=extra(tile="" if r["cfg"] == "-" else r["cfg"], err="" if err == "-" else err,
+                            statistic="do_bench mean" if metric == "time" else ""))
+
+LOG2E = math.log2(math.e)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -143,20 +172,14 @@ def run_variant(q, k, v, cfg, fuse, tma, ws):
     return out, lse
 
 
-CONFIGS = [
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-]
+CONFIGS = tiles((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", default="1024,4096,16384,32768")
-    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--out", default=None, help="write DIR/<gpu kind>.csv (default: benchmarks/results/)")
+    ap.add_argument("--csv", default=None)
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
     smoke = a.smoke
@@ -173,7 +196,7 @@ def main():
         q = torch.randn(1, S, H, D, device=dev, dtype=dt)
         k = torch.randn(1, S, Hkv, D, device=dev, dtype=dt)
         v = torch.randn(1, S, Hkv, D, device=dev, dtype=dt)
-        flops = 2.0 * H * S * S * D  # causal: half of 4·H·S²·D
+        flops = attention_flops(1, H, S, S, D, True)
         kr, vr = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
         qt, kt, vt = (x.transpose(1, 2) for x in (q, kr, vr))
         ref = torch.nn.functional.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(),
@@ -221,12 +244,10 @@ def main():
                   flush=True)
     if not smoke:
         rows += host_overhead()
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "exp_fwd_variants.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = a.csv or results_csv(RESULTS, dev, smoke, "exp_fwd_variants", out_dir=a.out)
+    rec = Recorder("experiments/exp_fwd_variants", path, device=dev, echo=False)
+    for r in rows:
+        rec.add(**schema_row(r))
     print("\nbest per S and variant (TFLOP/s):")
     for S in seqlens:
         best = {}
@@ -284,13 +305,10 @@ def host_overhead(S=1024, n=200):
         print(f"S=1024 {name:<12} host {host:6.1f} us/call, loop {loop:6.1f} us/call, graph replay {ms * 1e3:6.1f} us",
               flush=True)
         out.append(dict(S=S, variant=name + " host-us", cfg="-", ms=host / 1e3, tflops=float("nan"), err="-", ok="-"))
-        out.append(dict(S=S, variant=name + " graph", cfg="-", ms=ms, tflops=2.0 * H * S * S * D / ms / 1e9,
+        out.append(dict(S=S, variant=name + " graph", cfg="-", ms=ms,
+                        tflops=attention_flops(1, H, S, S, D, True) / ms / 1e9,
                         err="-", ok="-"))
     return out
-
-
-def _c(cfg):
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
 
 
 if __name__ == "__main__":

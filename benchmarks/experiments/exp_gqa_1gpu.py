@@ -3,19 +3,25 @@ through ``flash_attn_func`` with each backend that serves it: the default (``aut
 SDPA, which repeats K/V for GQA), ``cudnn`` (cuDNN's fused kernels with GQA K/V as they are, where
 the build takes them) and ``triton`` (ours). Correctness against fp32 attention at 4k (the 2x/3x
 rule against SDPA's own bf16 error), then forward and forward+backward time (do_bench median) and
-the peak memory of forward+backward beyond the inputs. CSV to $OUT/exp_gqa_1gpu.csv.
+the peak memory of forward+backward beyond the inputs (do_bench's mean; the p50 column holds it).
+Rows (``qwen3vl_flash.benchmarking`` schema, bench ``experiments/exp_gqa_1gpu``, case
+``text causal 32/8 hd128 B=<B>``) are appended to ``benchmarks/results/<gpu kind>.csv`` (or ``--csv``).
 
-    PYTHONPATH=src python3 benchmarks/experiments/exp_gqa_1gpu.py
+    PYTHONPATH=src python3 benchmarks/experiments/exp_gqa_1gpu.py [--csv $OUT/h200.csv]
 """
 
-import csv
+import argparse
 import os
 
 import torch
 import triton
 
 import qwen3vl_flash as qf
+from qwen3vl_flash.benchmarking import Recorder, attention_flops, extra, results_csv
 from qwen3vl_flash.reference import attention_ref
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results")
+BENCH = "experiments/exp_gqa_1gpu"
 
 BACKENDS = ("auto", "cudnn", "triton")
 
@@ -31,7 +37,26 @@ def err(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+def schema_rows(r):
+    """One row of this script (a check, or a backend's fwd and fwd+bwd times at one shape) as
+    rows of the benchmark schema (also used on the archived CSV of the old layout)."""
+    base = dict(case=f"text causal 32/8 hd128 B={r['B']}", provider=r["backend"], dtype="bfloat16", x_name="S",
+                x=r["S"], status=r.get("status", ""))
+    if r["op"] == "check":
+        return [dict(base, mode="check", metric="check", unit="", status=r["status"],
+                     extra=extra(errs_out_dq_dk_dv=r.get("note")))]
+    stat = "statistic=mean (do_bench default)"
+    if not r.get("fwd_ms"):
+        return [dict(base, mode="fwd", extra=r.get("note", ""))]
+    return [dict(base, mode="fwd", p50=r["fwd_ms"], rate=r["fwd_tflops"], rate_unit="TFLOP/s", extra=stat),
+            dict(base, mode="fwd+bwd", p50=r["fwdbwd_ms"], rate=r["fwdbwd_tflops"], rate_unit="TFLOP/s",
+                 memory_mb=r["peak_mb"], extra=stat)]
+
+
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default=None, help="default: benchmarks/results/<gpu kind>.csv")
+    args = ap.parse_args()
     dev = torch.device("cuda")
     H, Hkv, D = 32, 8, 128
     rows = []
@@ -54,7 +79,7 @@ def main():
         q, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
         k, v = (torch.randn(B, S, Hkv, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-        flops = 4 * B * H * S * S * D / 2
+        flops = attention_flops(B, H, S, S, D, True)
         for be in BACKENDS:
             def fwd():
                 return qf.flash_attn_func(q, k, v, causal=True, backend=be)
@@ -74,22 +99,18 @@ def main():
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
                 row = dict(op="time", backend=be, S=S, B=B, fwd_ms=round(t_f, 3), fwdbwd_ms=round(t_fb, 3),
-                           fwd_tflops=round(flops / t_f / 1e9, 1), fwdbwd_tflops=round(2.5 * flops / t_fb / 1e9, 1),
+                           fwd_tflops=round(flops / t_f / 1e9, 1),
+                           fwdbwd_tflops=round(attention_flops(B, H, S, S, D, True, "fwd+bwd") / t_fb / 1e9, 1),
                            peak_mb=round(peak, 1), status="ok")
             except Exception as e:  # noqa: BLE001
                 row = dict(op="time", backend=be, S=S, B=B, status=f"error: {type(e).__name__}: {str(e)[:100]}")
             rows.append(row)
             print("  ".join(f"{k}={v}" for k, v in row.items()))
         del q, k, v, do, qg, kg, vg
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    keys = ["op", "backend", "B", "S", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops", "peak_mb", "status",
-            "note"]
-    with open(os.path.join(out_dir, "exp_gqa_1gpu.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys + ["gpu", "torch"], extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(dict(r, gpu=torch.cuda.get_device_name(), torch=torch.__version__))
+    rec = Recorder(BENCH, args.csv or results_csv(RESULTS, dev), device=dev)
+    for r in rows:
+        for sr in schema_rows(r):
+            rec.add(**sr)
 
 
 if __name__ == "__main__":

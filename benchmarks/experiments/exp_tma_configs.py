@@ -4,41 +4,40 @@ Run 2 showed ptxas crashing on some TMA builds of the package kernel (not of the
 exp_fwd_variants.py). This times ``attention_forward(use_tma=False/True)`` for each tile config
 at hd128 causal 32/8 heads, S = 4k / 16k / 32k, checks each against fp32 attention, and times
 cuDNN beside it. Failed builds are reported (and fall back to pointer loads in the package).
+Rows (``qwen3vl_flash.benchmarking`` schema, bench ``experiments/exp_tma_configs``; do_bench means) are
+appended to ``benchmarks/results/<gpu kind>.csv`` (``--out DIR``: ``DIR/<gpu kind>.csv``).
 
-    PYTHONPATH=src python3 benchmarks/exp_tma_configs.py --out $OUT
+    PYTHONPATH=src python3 benchmarks/experiments/exp_tma_configs.py --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
 import torch
 import triton
 
-CONFIGS = [
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-]
+from qwen3vl_flash.benchmarking import Recorder, attention_flops, results_csv, tiles
+from qwen3vl_flash.benchmarking import tile_str as _c
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from exp_fwd_variants import schema_row  # noqa: E402  (the same row shape)
 
-def _c(cfg):
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+CONFIGS = tiles((64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--out", default=None, help="write DIR/<gpu kind>.csv (default: benchmarks/results/)")
+    ap.add_argument("--csv", default=None)
     ap.add_argument("--seqlens", default="4096,16384,32768")
     a = ap.parse_args()
-    import qwen3vl_flash.backends.triton_fwd as tf
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import qwen3vl_flash.backends.triton_fwd as tf
 
     H, Hkv, D = 32, 8, 128
     rows = []
@@ -48,7 +47,7 @@ def main():
         k = torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
         qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(4, 2).transpose(1, 2), v.repeat_interleave(4, 2).transpose(1, 2)
-        fl = 2.0 * H * S * S * D
+        fl = attention_flops(1, H, S, S, D, True)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             low = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
         if S <= 4096:  # fp32 reference (scores fit): tolerance 2x cuDNN's own error
@@ -82,11 +81,11 @@ def main():
                 rows.append(dict(S=S, variant=name, cfg=_c(cfg), ms=ms, tflops=fl / ms / 1e9, err=err, status=status))
                 print(f"S={S:>6} {name:<12} {_c(cfg):<12} {fl / ms / 1e9:7.1f} TF/s  err {err:.2e}  {status}",
                       flush=True)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "exp_tma_configs.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    rec = Recorder("experiments/exp_tma_configs", a.csv or results_csv(os.path.join(HERE, "..", "results"), "cuda",
+                                                                          out_dir=a.out), device="cuda", echo=False)
+    for r in rows:
+        rec.add(**schema_row(r))
+    print(f"rows appended to {rec.path}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The conventions every layer shares, written once: the mask, the limits, the grad rule, warnings.
+"""The conventions every layer shares, written once: the mask, the limits, the grad rule, warnings
+and the lse merge of partial results.
 
 Masking (flash-attn's, bottom-right aligned): with ``off = Sk - Sq``, query ``i`` sees key ``j`` iff
 ``i + off - left <= j <= i + off + right``, where ``-1`` means unbounded and ``causal`` is the
@@ -36,6 +37,33 @@ def fold_window(causal: bool, window_size: Tuple[int, int]) -> Tuple[int, int]:
     if causal:
         right = 0 if right < 0 else min(right, 0)
     return int(left), int(right)
+
+
+def merge_lse_(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge a partial attention result over more keys into ``(out, lse)``, in place.
+
+    Attention over keys K1 u K2 (disjoint) is the convex combination of the two normalised
+    partial results, in the stable form (ring-flash-attention's ``update_out_and_lse``)::
+
+        lse = logaddexp(lse1, lse2)
+        out = out1 + sigmoid(lse2 - lse1) * (out2 - out1)    # = out1 e^(lse1-lse) + out2 e^(lse2-lse)
+
+    ``out`` (..., D) is the accumulator (fp32 or fp64; may be a view) and ``lse`` has the shape
+    ``out.shape[:-1]`` (lay views over other layouts, e.g. ``out.transpose(1, 2)``);
+    ``block_out``/``block_lse`` are shaped alike, may be lower precision and are not modified.
+    ``lse1 = -inf`` (nothing yet) takes the block exactly; rows where the block saw no key
+    (``lse2 = -inf``) stay bit-for-bit unchanged; rows where neither did keep ``lse = -inf``,
+    never NaN. Used by the ``tiled`` backend across key tiles and by context parallelism
+    across ranks. Returns ``(out, lse)``."""
+    block_lse = block_lse.to(lse.dtype)
+    w = torch.sigmoid(block_lse - lse).masked_fill_(torch.isneginf(block_lse), 0.0)
+    lse.copy_(torch.logaddexp(lse, block_lse))  # logaddexp(-inf, -inf) = -inf, (-inf, x) = x
+    # out + w * (block - out) in one pass (lerp switches to block - (block - out) * (1 - w) for
+    # w >= 0.5: exact at w = 1, and w = 0 leaves out unchanged)
+    out.lerp_(block_out.to(out.dtype), w.unsqueeze(-1).to(out.dtype))
+    return out, lse
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

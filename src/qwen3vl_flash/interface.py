@@ -6,7 +6,6 @@ Data flows one way: public function -> validation -> backend choice -> backend k
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -14,23 +13,19 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .backends.base import AttnParams, AttnRequest, Backend, get_backend
+from .conventions import MAX_HEAD_DIM, needs_grad, warn_once
 from .hardware.profiles import TileProfile, profile_for_device
 from ._host import _HOST_VALUES, host_values  # noqa: F401  (re-exported)
 from .reference import lse_dtype
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "choose_backend"]
 
-log = logging.getLogger("qwen3vl_flash")
-
 ENV_BACKEND = "QWEN3VL_FLASH_BACKEND"
 # Checks that read tensor values (cu_seqlens order, cache overflow) synchronise with the device;
 # they are skipped while a CUDA graph is being captured, or when this variable is "0".
 ENV_CHECK_VALUES = "QWEN3VL_FLASH_CHECK_VALUES"
-MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_warned: set = set()
-_KV_DISPATCH: dict = {}  # flash_attn_with_kvcache call shape -> fused decode backend or None
-_MISS = object()
+_KV_DISPATCH: dict = {}  # flash_attn_with_kvcache call shape -> (fused decode backend or None, AttnParams)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +129,7 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, 
 # --------------------------------------------------------------------------------------------
 
 
-def _request(q, k, p: AttnParams, need_lse: bool, seqlen_q: int, seqlen_k: int) -> AttnRequest:
+def _request(q, k, p: AttnParams, need_lse: bool, seqlen_q: int, seqlen_k: int, v=None) -> AttnRequest:
     cap = None
     if q.is_cuda:
         try:
@@ -153,7 +148,7 @@ def _request(q, k, p: AttnParams, need_lse: bool, seqlen_q: int, seqlen_k: int) 
         window=p.has_window,
         varlen=p.varlen,
         need_lse=need_lse,
-        need_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad),
+        need_grad=needs_grad(q, k, v),
         device_capability=cap,
     )
 
@@ -169,20 +164,11 @@ def choose_backend(req: AttnRequest, backend: str, profile: TileProfile) -> List
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run this call: {reason}")
         return [be]
-    order = list(profile.order_for(req.dtype, req.varlen))
-    if "tiled" in order and req.seqlen_k < profile.tiled_min_seqlen:
-        order.remove("tiled")
-        order.insert(len(order) - 1 if order and order[-1] == "eager" else len(order), "tiled")
+    order = profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k)  # data and rule: the profile's
     chosen = [be for be in map(get_backend, order) if be.check(req) is None]
     if not chosen:  # eager serves everything, so this only happens for a broken install
         raise RuntimeError(f"no backend can run this call ({req})")
     return chosen
-
-
-def _warn_once(key, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg)
 
 
 class _FA2Function(torch.autograd.Function):
@@ -207,7 +193,7 @@ class _FA2Function(torch.autograd.Function):
 def _run(be: Backend, q, k, v, p: AttnParams):
     if be.native_autograd:
         return be.attention(q, k, v, p)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return _FA2Function.apply(q, k, v, be, p)
     out, lse = be.forward(q, k, v, p)
     return out, lse.to(lse_dtype(q.dtype))
@@ -216,7 +202,7 @@ def _run(be: Backend, q, k, v, p: AttnParams):
 def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int, seqlen_k: int):
     if need_lse:
         p = dataclasses.replace(p, need_lse=True)
-    req = _request(q, k, p, need_lse, seqlen_q, seqlen_k)
+    req = _request(q, k, p, need_lse, seqlen_q, seqlen_k, v)
     candidates = choose_backend(req, backend, p.profile)
     explicit = len(candidates) == 1 and (backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto")
     for i, be in enumerate(candidates):
@@ -225,11 +211,8 @@ def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int
         except Exception as exc:  # auto: fall through to the next backend, once-logged
             if explicit or i == len(candidates) - 1:
                 raise
-            _warn_once(
-                (be.name, type(exc).__name__),
-                f"qwen3vl_flash: backend {be.name!r} failed ({type(exc).__name__}: {exc}); "
-                f"falling back to {candidates[i + 1].name!r}",
-            )
+            warn_once((be.name, type(exc).__name__), "qwen3vl_flash: backend %r failed (%s: %s); falling back to %r",
+                      be.name, type(exc).__name__, exc, candidates[i + 1].name)
     raise AssertionError("unreachable")
 
 
@@ -255,14 +238,23 @@ def flash_attn_func(
             GQA/MQA: H % Hkv == 0 and query head h reads kv head h // (H // Hkv).
         softmax_scale: default 1/sqrt(D).
         causal: mask aligned to the bottom-right corner when Sq != Sk (as flash-attn >= 2.1):
-            query i sees key j iff j <= i + Sk - Sq. E.g. Sq=2, Sk=5::
+            query i sees key j iff j <= i + Sk - Sq. With Sq > Sk the first Sq - Sk rows see no
+            key (output 0, lse -inf). E.g. (x = visible)::
 
-                1 1 1 1 0
-                1 1 1 1 1
-        window_size: (left, right) sliding window around the aligned diagonal, -1 = unbounded.
+                Sq=2, Sk=5            Sq=5, Sk=3
+                x x x x .             . . .   <- no key: 0, lse -inf
+                x x x x x             . . .
+                                      x . .
+                                      x x .
+                                      x x x
+
+            (the convention every backend shares, drawn in :mod:`qwen3vl_flash.conventions`).
+        window_size: (left, right) sliding window around the aligned diagonal, -1 = unbounded:
+            query i sees key j iff i + Sk - Sq - left <= j <= i + Sk - Sq + right (causal folds
+            into right = min(right, 0)).
         return_lse: also return the log-sum-exp of the scaled scores, (B, H, Sq) float32
             (float64 for float64 inputs). A row that sees no key gives output 0 and lse -inf.
-        backend: "auto", "triton", "tiled", "sdpa" or "eager". ``$QWEN3VL_FLASH_BACKEND``
+        backend: "auto", "triton", "cudnn", "tiled", "sdpa" or "eager". ``$QWEN3VL_FLASH_BACKEND``
             overrides "auto". An explicit backend that cannot serve the call raises ValueError.
 
     Returns:
@@ -270,7 +262,8 @@ def flash_attn_func(
 
     Raises:
         TypeError / ValueError naming the bad argument (rank, dtype, device, batch or length
-        mismatch, H % Hkv != 0, head_dim outside 1..256, bad window or options).
+        mismatch, H % Hkv != 0, head_dim outside 1..256 (``conventions.MAX_HEAD_DIM``), bad window or
+        options).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4, "(B, S, H, D)")
@@ -314,7 +307,9 @@ def flash_attn_varlen_func(
             is rows cu[b]:cu[b+1]. Empty sequences are allowed. Sequences never see each other.
         max_seqlen_q, max_seqlen_k: ints >= the longest sequence (used to size kernel grids).
         softmax_scale, causal, window_size, return_lse, backend: as in :func:`flash_attn_func`,
-            applied per sequence (causal aligned bottom-right within each sequence).
+            applied per sequence (causal aligned bottom-right within each sequence: a sequence
+            with more queries than keys has its first Sq_b - Sk_b rows see no key, output 0 and
+            lse -inf, as drawn in :func:`flash_attn_func`).
 
     Returns:
         out (Tq, H, D) [, lse (H, Tq)]. Differentiable with respect to q, k and v.
@@ -394,7 +389,9 @@ def flash_attn_with_kvcache(
             cache_seqlens[b] .. cache_seqlens[b] + Snew - 1 of batch b. Nothing else is written.
         cache_seqlens: int32 (B,) tensor (or an int for all rows): valid cache length per batch
             *before* the append. None means the whole cache is valid (then k/v must be None).
-        causal: bottom-right aligned over the cache_seqlens + Snew visible keys (default True).
+        causal: bottom-right aligned over the L = cache_seqlens + Snew visible keys (default
+            True): query i sees keys j <= L - Sq + i, so with Sq > L the first Sq - L rows see no
+            key and give output 0, lse -inf (drawn in :func:`flash_attn_func`).
         block_table: optional int32 (B, max_pages) for a paged cache (vLLM / flash-attn layout):
             the caches are then (num_pages, page_size, Hkv, D) and row b's token t lives in page
             block_table[b, t // page_size] at offset t % page_size; Smax = max_pages * page_size.
@@ -410,9 +407,55 @@ def flash_attn_with_kvcache(
         out (B, Sq, H, D) [, lse (B, H, Sq)]. Not differentiable (inference path).
 
     Raises:
-        as :func:`flash_attn_func`, plus a cache overflow (cache_seqlens + Snew > Smax), negative
-        lengths, k without v, or shapes that do not match the cache; the cache is untouched then.
+        as :func:`flash_attn_func`, plus a cache overflow (cache_seqlens + Snew > Smax, for a
+        paged cache the block table's capacity), negative lengths, page indices outside the
+        cache, k without v, or shapes that do not match the cache; the cache is untouched then.
     """
+    cache_seqlens, block_table, window, snew, Smax = _check_kvcache_args(
+        q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, backend, window_size, return_lse,
+        block_table, check_values, cache_leftpad,
+    )
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    res = _kvcache_fused(q, k_cache, v_cache, k, v, cache_seqlens, scale, causal, window, backend, return_lse,
+                         block_table, cache_leftpad, Smax)
+    if res is not None:
+        return res if return_lse else res[0]
+    # the inner calls re-dispatch (auto keeps its fall-through)
+    if block_table is not None:
+        return _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
+                                       window, return_lse, backend)
+    return _contiguous_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, snew, scale, causal,
+                               window, return_lse, backend)
+
+
+# -- flash_attn_with_kvcache: argument checks (nothing is written before they all pass)
+
+
+def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, backend, window_size,
+                        return_lse, block_table, check_values, cache_leftpad):
+    """Every check of :func:`flash_attn_with_kvcache`. Returns ``(cache_seqlens as an int32 (B,)
+    tensor, block_table (unit stride along its pages) or None, window, Snew, Smax)``."""
+    block_table, Smax = _check_cache(q, k_cache, v_cache, block_table)
+    _check_heads(q, k_cache, v_cache)
+    window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
+    snew = _check_new_kv(q, k_cache, k, v)
+    lengths_known = cache_seqlens is None  # built here: nothing to check on the device
+    cache_seqlens = _seqlens_tensor(q, cache_seqlens, k is not None, Smax)
+    if cache_leftpad is not None:
+        _check_leftpad(q, cache_leftpad, block_table, check_values)
+    if check_values and not lengths_known and _checks_values(cache_seqlens):
+        _check_cache_values(cache_seqlens, snew, Smax, block_table, k_cache.shape[0], k_cache.shape[1])
+    return cache_seqlens, block_table, window, snew, Smax
+
+
+def _check_int32(name: str, x, layout: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor of shape {layout}, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _check_cache(q, k_cache, v_cache, block_table):
+    """The caches (and the paged layout's block table, shapes only): ``(block_table, Smax)``."""
     _check_tensor("q", q, 4, "(B, Sq, H, D)")
     layout = "(num_pages, page_size, Hkv, D)" if block_table is not None else "(B, Smax, Hkv, D)"
     _check_tensor("k_cache", k_cache, 4, layout)
@@ -420,116 +463,150 @@ def flash_attn_with_kvcache(
     _check_same(q, [("k_cache", k_cache), ("v_cache", v_cache)])
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    B, Sq, H, D = q.shape
-    if block_table is not None:
-        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
-            raise TypeError(f"block_table must be an int32 tensor of shape (B, max_pages), got "
-                            f"{getattr(block_table, 'dtype', type(block_table).__name__)}")
-        if block_table.dim() != 2 or block_table.shape[0] != B:
-            raise ValueError(f"block_table must have shape (B, max_pages) with B={B}, got {tuple(block_table.shape)}")
-        if block_table.device != q.device:
-            raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
-        num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
-        Smax = block_table.shape[1] * page_size
-    else:
-        Smax = k_cache.shape[1]
+    B = q.shape[0]
+    if block_table is None:
         if k_cache.shape[0] != B:
             raise ValueError(f"k_cache must have q's batch size ({B}), got {k_cache.shape[0]}")
-    _check_heads(q, k_cache, v_cache)
-    window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
+        return None, k_cache.shape[1]
+    _check_int32("block_table", block_table, "(B, max_pages)")
+    if block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"block_table must have shape (B, max_pages) with B={B}, got {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    if block_table.stride(1) != 1:  # the decode kernels read a row's pages with unit stride
+        block_table = block_table.contiguous()
+    return block_table, block_table.shape[1] * k_cache.shape[1]
+
+
+def _check_new_kv(q, k_cache, k, v) -> int:
+    """The new keys/values to append: their count Snew (0 without)."""
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (both None, or both (B, Snew, Hkv, D))")
-    snew = 0
-    if k is not None:
-        _check_tensor("k", k, 4, "(B, Snew, Hkv, D)")
-        _check_tensor("v", v, 4, "(B, Snew, Hkv, D)")
-        _check_same(q, [("k", k), ("v", v)])
-        expect = (B, k.shape[1]) + tuple(k_cache.shape[2:])
-        for name, x in (("k", k), ("v", v)):
-            if tuple(x.shape) != expect:
-                raise ValueError(f"{name} must have shape (B, Snew, Hkv, D) = {expect}, got {tuple(x.shape)}")
-        snew = k.shape[1]
-    lengths_known = cache_seqlens is None  # built here: nothing to check on the device
+    if k is None:
+        return 0
+    _check_tensor("k", k, 4, "(B, Snew, Hkv, D)")
+    _check_tensor("v", v, 4, "(B, Snew, Hkv, D)")
+    _check_same(q, [("k", k), ("v", v)])
+    expect = (q.shape[0], k.shape[1]) + tuple(k_cache.shape[2:])
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape) != expect:
+            raise ValueError(f"{name} must have shape (B, Snew, Hkv, D) = {expect}, got {tuple(x.shape)}")
+    return k.shape[1]
+
+
+def _seqlens_tensor(q, cache_seqlens, appends: bool, Smax: int) -> torch.Tensor:
+    """cache_seqlens as an int32 (B,) tensor on q's device (None: the whole cache; an int: every row)."""
+    B = q.shape[0]
     if cache_seqlens is None:
-        if k is not None:
+        if appends:
             raise ValueError("cache_seqlens is required when new k/v are appended")
         cache_seqlens = torch.full((B,), Smax, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be an int32 tensor of shape (B,), an int or None, got {type(cache_seqlens).__name__}")
+        raise TypeError("cache_seqlens must be an int32 tensor of shape (B,), an int or None, got "
+                        f"{type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
     if tuple(cache_seqlens.shape) != (B,):
         raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
-    if cache_leftpad is not None:
-        if not isinstance(cache_leftpad, torch.Tensor) or cache_leftpad.dtype != torch.int32:
-            raise TypeError(f"cache_leftpad must be an int32 tensor of shape (B,), got "
-                            f"{getattr(cache_leftpad, 'dtype', type(cache_leftpad).__name__)}")
-        if tuple(cache_leftpad.shape) != (B,):
-            raise ValueError(f"cache_leftpad must have shape (B,) = ({B},), got {tuple(cache_leftpad.shape)}")
-        if cache_leftpad.device != q.device:
-            raise ValueError(f"cache_leftpad must be on q's device ({q.device}), got {cache_leftpad.device}")
-        if block_table is not None:
-            raise ValueError("cache_leftpad is not supported with a paged cache (block_table)")
-        if check_values and _checks_values(cache_leftpad):
-            lo_pad = int(cache_leftpad.min())
-            if lo_pad < 0:
-                raise ValueError(f"cache_leftpad must be >= 0, got a minimum of {lo_pad}")
-    if check_values and not lengths_known and _checks_values(cache_seqlens):
-        lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync for both
-        if lo < 0:
-            raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
-        if hi + snew > Smax:
-            raise ValueError(
-                f"cache overflow: cache_seqlens ({hi}) + Snew ({snew}) exceeds the cache length Smax={Smax}"
-            )
-        if block_table is not None:
-            from .backends.triton_decode import check_block_table_values
+    return cache_seqlens
 
-            check_block_table_values(block_table, cache_seqlens, snew, num_pages, page_size)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+
+def _check_leftpad(q, cache_leftpad, block_table, check_values: bool) -> None:
+    B = q.shape[0]
+    _check_int32("cache_leftpad", cache_leftpad, "(B,)")
+    if tuple(cache_leftpad.shape) != (B,):
+        raise ValueError(f"cache_leftpad must have shape (B,) = ({B},), got {tuple(cache_leftpad.shape)}")
+    if cache_leftpad.device != q.device:
+        raise ValueError(f"cache_leftpad must be on q's device ({q.device}), got {cache_leftpad.device}")
+    if block_table is not None:
+        raise ValueError("cache_leftpad is not supported with a paged cache (block_table)")
+    if check_values and _checks_values(cache_leftpad):
+        lo_pad = int(cache_leftpad.min())
+        if lo_pad < 0:
+            raise ValueError(f"cache_leftpad must be >= 0, got a minimum of {lo_pad}")
+
+
+def _check_cache_values(cache_seqlens: torch.Tensor, snew: int, Smax: int, block_table=None, num_pages: int = 0,
+                        page_size: int = 0) -> None:
+    """The value checks of a cache call (they read tensors on the host: one device sync, one more
+    for a paged cache): lengths >= 0, ``cache_seqlens + snew`` within ``Smax`` (a paged cache's
+    Smax is its block table's capacity, max_pages x page_size), and every page a row uses -- the
+    first ``cdiv(cache_seqlens[b] + snew, page_size)`` entries of ``block_table[b]`` -- an
+    existing page of the ``num_pages``."""
+    lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync for both
+    if lo < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
+    if hi + snew > Smax:
+        if block_table is None:
+            cap = f"the cache length Smax={Smax}"
+        else:
+            cap = (f"the block table's capacity Smax={Smax} ({block_table.shape[1]} pages x "
+                   f"page_size {page_size})")
+        raise ValueError(f"cache overflow: cache_seqlens ({hi}) + Snew ({snew}) exceeds {cap}")
+    if block_table is None:
+        return
+    used = (cache_seqlens.long() + snew + page_size - 1) // page_size  # pages per row
+    live = torch.arange(block_table.shape[1], device=block_table.device).unsqueeze(0) < used.unsqueeze(1)
+    pages = block_table[live]
+    if pages.numel():
+        lo, hi = torch.stack(torch.aminmax(pages)).tolist()
+        if lo < 0 or hi >= num_pages:
+            raise ValueError(f"block_table holds page indices outside [0, {num_pages}) (min {lo}, max {hi})")
+
+
+# -- flash_attn_with_kvcache: the cached dispatch to a fused decode path
+
+
+def _kvcache_fused(q, k_cache, v_cache, k, v, cache_seqlens, scale: float, causal: bool, window, backend: str,
+                   return_lse: bool, block_table, cache_leftpad, Smax: int):
+    """Run the call on a backend with a fused decode path (Triton split-KV: appends and attends
+    itself, no host syncs, CUDA-graph capturable); auto prefers one to any backend without.
+    Returns (out, lse), or None when no backend has one for this call or (auto) it failed.
+
+    The backend is resolved before the cache is touched, so a refusal leaves it untouched. Decode
+    loops repeat one call shape: the decision (and the call's AttnParams, which then keep the
+    profile alive, so its id stays unique in the key) is cached per shape (host time is the decode
+    bottleneck, see docs/perf/decode.md)."""
     profile = profile_for_device(q.device)
-    p = AttnParams(scale, causal, window, profile=profile)
-
-    # resolve the backend before touching the cache, so a refusal leaves it untouched. Decode
-    # loops repeat one call shape: the decision is cached per shape (host time is the decode
-    # bottleneck, see docs/perf/decode.md)
     key = (q.device, q.dtype, tuple(q.shape), tuple(k_cache.shape), k_cache.stride(), backend,
-           os.environ.get(ENV_BACKEND), id(profile), causal, window, return_lse, block_table is None)
-    fused_be = _KV_DISPATCH.get(key, _MISS)
-    if fused_be is _MISS:
-        req = _request(q, k_cache, p, return_lse, Sq, Smax)
-        candidates = choose_backend(req, backend, profile)
-        # a backend with a fused decode path (Triton split-KV: no host syncs, CUDA-graph
-        # capturable) appends and attends itself; auto prefers it to any backend without one
+           os.environ.get(ENV_BACKEND), id(profile), causal, window, scale, return_lse, block_table is None)
+    hit = _KV_DISPATCH.get(key)
+    if hit is None:
+        p = AttnParams(scale, causal, window, profile=profile)
+        candidates = choose_backend(_request(q, k_cache, p, return_lse, q.shape[1], Smax, v_cache), backend, profile)
         fused_be = next((be for be in candidates if getattr(be, "kvcache_attention", None) is not None
                          and be.kvcache_check(q, k_cache, p) is None), None)
         if len(_KV_DISPATCH) > 256:
             _KV_DISPATCH.clear()
-        _KV_DISPATCH[key] = fused_be
-    if fused_be is not None:
-        try:
-            kw = {} if cache_leftpad is None else {"cache_leftpad": cache_leftpad}
-            out, lse = fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table,
-                                                  **kw)
-            return (out, lse) if return_lse else out
-        except Exception as exc:  # e.g. a kernel that fails to compile: auto falls through, once-logged
-            if backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto":
-                raise
-            _KV_DISPATCH[key] = None
-            _warn_once(
-                (fused_be.name, "kvcache", type(exc).__name__),
-                f"qwen3vl_flash: the {fused_be.name!r} decode path failed ({type(exc).__name__}: {exc}); "
-                "falling back to the generic KV-cache path",
-            )
-    inner = backend  # the inner call re-dispatches (auto keeps its fall-through)
-    if block_table is not None:
-        return _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
-                                       window, return_lse, inner)
+        hit = _KV_DISPATCH[key] = (fused_be, p)
+    fused_be, p = hit
+    if fused_be is None:
+        return None
+    try:
+        kw = {} if cache_leftpad is None else {"cache_leftpad": cache_leftpad}
+        return fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table, **kw)
+    except Exception as exc:  # e.g. a kernel that fails to compile: auto falls through, once-logged
+        if backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto":
+            raise
+        _KV_DISPATCH[key] = (None, p)
+        warn_once((fused_be.name, "kvcache", type(exc).__name__),
+                  "qwen3vl_flash: the %r decode path failed (%s: %s); falling back to the generic KV-cache path",
+                  fused_be.name, type(exc).__name__, exc)
+        return None
 
+
+# -- flash_attn_with_kvcache: the generic path (any backend, through the public functions)
+
+
+def _contiguous_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, snew: int, scale, causal, window,
+                        return_lse, backend):
+    """Without a fused kernel: append (an indexed write), then one dense call over the valid
+    prefix when every row has the same length, else one varlen call over the packed rows."""
+    B, Sq, H = q.shape[:3]
     with torch.no_grad():
         if snew:
             rows = cache_seqlens.long().unsqueeze(1) + torch.arange(snew, device=q.device)  # (B, Snew)
@@ -539,7 +616,7 @@ def flash_attn_with_kvcache(
         lens = cache_seqlens + snew
         if cache_leftpad is not None:
             return _packed_kvcache(q, k_cache, v_cache, cache_leftpad, lens, scale, causal, window, return_lse,
-                                   inner)
+                                   backend)
         lens_list = lens.tolist()
         if min(lens_list) == max(lens_list):  # one length: a dense call over the valid prefix
             L = lens_list[0]
@@ -547,9 +624,9 @@ def flash_attn_with_kvcache(
                 out = q.new_zeros(q.shape)
                 lse = torch.full((B, H, Sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
                 return (out, lse) if return_lse else out
-            return flash_attn_func(q, k_cache[:, :L], v_cache[:, :L], scale, causal, window, return_lse, inner)
+            return flash_attn_func(q, k_cache[:, :L], v_cache[:, :L], scale, causal, window, return_lse, backend)
         # ragged lengths: pack the valid rows and run one varlen call
-        return _packed_kvcache(q, k_cache, v_cache, None, lens, scale, causal, window, return_lse, inner)
+        return _packed_kvcache(q, k_cache, v_cache, None, lens, scale, causal, window, return_lse, backend)
 
 
 def _packed_kvcache(q, k_cache, v_cache, start, end, scale, causal, window, return_lse, backend):

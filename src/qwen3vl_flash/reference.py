@@ -5,8 +5,9 @@ Scores are materialised (O(Sq * Sk) memory), so this is for tests, benchmarks an
 GQA/MQA (K/V heads shared by ``H // Hkv`` consecutive query heads), causal attention aligned
 bottom-right when ``Sq != Sk``, sliding windows, varlen (packed) batches and the log-sum-exp.
 
-Masking convention (shared by all backends), for query ``i`` of a sequence with ``Sq`` queries
-and ``Sk`` keys::
+Masking convention (shared by all backends; written once in :mod:`qwen3vl_flash.conventions`,
+causal folded into the window by :func:`~qwen3vl_flash.conventions.fold_window`), for query ``i``
+of a sequence with ``Sq`` queries and ``Sk`` keys::
 
     off = Sk - Sq                      # bottom-right alignment
     key j visible  <=>  (not causal or j <= i + off)
@@ -30,6 +31,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .conventions import fold_window
+
 __all__ = ["attention_ref", "attention_ref_varlen", "visibility_mask", "lse_dtype"]
 
 
@@ -46,9 +49,7 @@ def visibility_mask(
     device=None,
 ) -> Optional[torch.Tensor]:
     """Boolean (Sq, Sk) mask, True where query i may attend to key j; None if all visible."""
-    left, right = window_size
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = fold_window(causal, window_size)
     if left < 0 and right < 0:
         return None
     off = seqlen_k - seqlen_q

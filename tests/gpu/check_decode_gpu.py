@@ -2,7 +2,7 @@
 StaticCache step): correctness against the reference, CUDA-graph capture and replay, and a tiny
 Qwen3-VL decode step under torch.compile(fullgraph=True) with tokens equal to sdpa's.
 
-    PYTHONPATH=src python3 benchmarks/check_decode_gpu.py
+    PYTHONPATH=src python3 tests/gpu/check_decode_gpu.py
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def check_leftpad() -> bool:
             ok &= good
             print(f"leftpad B={B} Sq={Sq} row {b} pad {pads[b]} end {end}: err {err:.2e} {'ok' if good else 'FAILED'}")
     # CUDA graph: capture the decode op and replay with new lengths
-    from qwen3vl_flash.backends.triton_backend import triton_decode_op
+    from qwen3vl_flash.backends import decode_op as triton_decode_op
 
     q = torch.randn(2, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
     kc = torch.randn(2, 4096, 8, 128, device="cuda", dtype=torch.bfloat16)

@@ -11,7 +11,7 @@ dimensions with few layers. Prints, per implementation:
   margin between its two best logits there and the largest logit difference before it (a flip
   where the margin is within that difference is bf16 noise, not a wrong attention).
 
-    PYTHONPATH=src python3 benchmarks/check_generate_compile.py [--config 8b --layers 4 --prompt 4096]
+    PYTHONPATH=src python3 tests/gpu/check_generate_compile.py [--config 8b --layers 4 --prompt 4096]
 """
 
 import argparse

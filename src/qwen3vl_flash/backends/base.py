@@ -6,9 +6,15 @@ serve a call, and either
 * ``native_autograd = True`` and ``attention(q, k, v, p) -> (out, lse | None)``, differentiable by
   PyTorch itself (``eager``, ``sdpa``), or
 * ``native_autograd = False`` and the FA2 pair ``forward(q, k, v, p) -> (out, lse)`` and
-  ``backward(dout, q, k, v, out, lse, p) -> (dq, dk, dv)`` (``tiled``, ``triton``). The public
-  functions wrap the pair in one ``torch.autograd.Function``; context parallelism calls the pair
-  directly with a global lse.
+  ``backward(dout, q, k, v, out, lse, p) -> (dq, dk, dv)`` (``tiled``, ``triton``, ``cudnn``). The
+  public functions wrap the pair in one ``torch.autograd.Function``; context parallelism calls the
+  pair directly with a global lse.
+
+Optionally a fused decode path for :func:`qwen3vl_flash.flash_attn_with_kvcache` (``triton``):
+``kvcache_check(q, k_cache, p) -> reason | None`` and ``kvcache_attention(q, k_cache, v_cache, k,
+v, cache_seqlens, p, block_table=None, cache_leftpad=None) -> (out, lse)``, which appends and
+attends itself; the interface has validated every argument (values included, unless the caller
+turned the value checks off) and hands a block table with unit stride along its pages.
 
 Layouts (``p`` is an :class:`AttnParams`):
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._host import host_values
+from ..conventions import fold_window
 from ..reference import lse_dtype, visibility_mask
 from .base import AttnParams, Backend, register_backend
 
@@ -38,9 +39,7 @@ def _mask_for(Sq: int, Sk: int, p: AttnParams, device):
 def _empty_rows(Sq: int, Sk: int, p: AttnParams) -> Optional[slice]:
     """Rows that see no key, found on the host (no device sync): they form a prefix (causal or a
     right window with Sq > Sk) and/or a suffix (a left window). Returns a boolean row selector."""
-    left, right = p.window_size
-    if p.causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = fold_window(p.causal, p.window_size)
     off = Sk - Sq
     first = max(0, -off - right) if right >= 0 else 0  # rows < first see nothing
     last = Sk - 1 - off + left if left >= 0 else Sq - 1  # rows > last see nothing

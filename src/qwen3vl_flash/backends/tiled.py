@@ -2,8 +2,11 @@
 
 The executable specification the Triton kernels must match, and the portable fast path on CPUs.
 
-Forward: tiles over queries *and* keys; per query tile a running row max ``m`` and sum ``l``
-(online softmax), rescaling the fp32 accumulator as new key tiles arrive; lse saved.
+Forward: tiles over queries *and* keys; each key tile of a query tile is reduced to a normalised
+partial result (P V, lse) and merged into the fp32 accumulator by lse
+(:func:`qwen3vl_flash.conventions.merge_lse_`, context parallelism's merge too), not FA2's
+running max / sum rescale (that variant, faster on CPUs but not shipped, is
+benchmarks/experiments/tiled_online_softmax.patch; docs/performance.md says why); lse saved.
 Backward: recomputes P = exp(S - lse) tile by tile (FA2), so training memory is O(seq) too.
 
 GQA: the ``g = H // Hkv`` query heads sharing a KV head are folded into the query rows
@@ -24,9 +27,9 @@ from typing import Optional, Tuple
 import torch
 
 from .._host import host_values
+from ..conventions import fold_window, merge_lse_
 from ..reference import lse_dtype
 from .base import AttnParams, AttnRequest, Backend, register_backend
-
 
 
 def _lse_compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,9 +75,7 @@ class _Tiling:
     """
 
     def __init__(self, Sq: int, Sk: int, g: int, causal: bool, window: Tuple[int, int], block_n: int, device, dtype):
-        left, right = window
-        if causal:
-            right = 0 if right < 0 else min(right, 0)
+        left, right = fold_window(causal, window)
         self.Sk, self.g, self.off = Sk, g, Sk - Sq
         self.left, self.right, self.block_n, self.device, self.dtype = left, right, block_n, device, dtype
         self._masks = {}
@@ -131,8 +132,10 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
 
     Each key tile is reduced to a normalised partial result (P_t V_t, lse_t) with PyTorch's fused
     softmax (one pass over the tile instead of max / subtract / exp / sum), and partial results
-    are merged by lse in float32, the same merge context parallelism uses across devices. The
-    tile's row sum comes for free: the largest softmax entry of a row is exp(0) / l = 1 / l.
+    are merged by lse into a float32 accumulator (float64 for float64) with
+    :func:`qwen3vl_flash.conventions.merge_lse_`, the merge context parallelism uses across
+    devices. The tile's row sum comes for free: the largest softmax entry of a row is
+    exp(0) / l = 1 / l.
     """
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -161,16 +164,11 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
             if empty is not None:  # rows that see none of this tile's keys: P = 0, lse_t = -inf
                 p[:, empty] = 0
                 lse_t[:, empty] = ninf
-            pv = torch.bmm(p, vh[:, c0:c1]).to(acc_t)
+            pv = torch.bmm(p, vh[:, c0:c1])
             if acc is None:
-                acc, lse = pv, lse_t
-                continue
-            # -- merge (acc, lse) with (pv, lse_t); a pivot of 0 keeps rows with two -inf finite
-            new = torch.logaddexp(lse, lse_t)
-            pivot = new.masked_fill(torch.isneginf(new), 0.0)
-            acc.mul_(torch.exp(lse - pivot).to(acc_t).unsqueeze(-1))
-            acc.add_(pv.mul_(torch.exp(lse_t - pivot).to(acc_t).unsqueeze(-1)))
-            lse = new
+                acc, lse = pv.to(acc_t), lse_t
+            else:
+                merge_lse_(acc, lse, pv, lse_t)
         if acc is None:  # this row tile sees no key at all
             out[:, r0:r1] = 0
             lse_rows[:, r0:r1] = ninf

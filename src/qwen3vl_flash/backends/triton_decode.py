@@ -23,8 +23,8 @@ Masking follows ``qwen3vl_flash.reference``: query ``s`` sits at absolute positi
 ``s + L - Sq`` (bottom-right alignment), sees key ``j`` iff ``j <= pos + right`` (causal: right = 0)
 and ``j >= pos - left``. A row that sees no key gets output 0 and lse -inf.
 
-Tile data (block sizes, warps, the split heuristic) is a module-level table, overridable by
-``profile.triton["decode"]``.
+Tile data (block sizes, warps, the split heuristic) is ``profile.triton.decode``, a
+:class:`~qwen3vl_flash.hardware.profiles.DecodeTiles` (its defaults are the measured table).
 """
 
 from __future__ import annotations
@@ -35,48 +35,17 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
+from ..conventions import DECODE_MAX_QUERIES, MAX_HEAD_DIM, fold_window
+from ..hardware.profiles import DecodeTiles
+from . import triton_common
+from .triton_common import dot_precision, interpreting, log2_scale, next_pow2, poison
 
-MAX_SQ = 16
-MAX_HEAD_DIM = 256
-
-DECODE_DEFAULTS: Dict[str, object] = {
-    # programs aimed at per SM: two resident CTAs (96 KiB of smem each at BLOCK_N=64, 3 stages,
-    # hd128) keep ~64 KiB of K/V loads in flight per SM, above the ~25 KiB that 3 TB/s x ~1 us needs
-    "waves": 2,
-    # a split streams at least this many keys ...
-    "min_chunk": 256,
-    # ... and at least this many per packed query row, so that the fp32 partials (written and
-    # read once: 8 bytes x D per row) stay under ~6% of the K/V bytes (4 bytes x D per key, bf16)
-    "min_chunk_per_row": 32,
-    "max_splits": 64,
-    # head_dim (padded to a power of two) -> keys per tile
-    "block_n": {16: 64, 32: 64, 64: 64, 128: 64, 256: 32},
-    "num_warps": 4,
-    "num_stages": 3,
-    "merge_num_warps": 4,
-    # merge inside the split kernel (the last split of a (row, kv head) does it, counted by an
-    # atomic) for up to this many packed query rows: one launch instead of two, so less host time,
-    # but on H100 it cost 3-7 us more device time at B=1 4k/32k than the separate merge kernel
-    # (docs/perf/decode.md), so it is off by default; set 16 in profile.triton["decode"] to use it
-    "fuse_merge_max_rows": 0,
-}
+_DEFAULT_DECODE = DecodeTiles()
 
 
-def _cfg(p) -> Dict[str, object]:
-    prof = getattr(p, "profile", None)
-    over = getattr(prof, "triton", None) or {}
-    over = over.get("decode") if isinstance(over, dict) else None
-    if not over:
-        return DECODE_DEFAULTS
-    cfg = dict(DECODE_DEFAULTS)
-    cfg.update(over)
-    return cfg
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _tiles(p) -> DecodeTiles:
+    tiles = getattr(getattr(p, "profile", None), "triton", None)
+    return _DEFAULT_DECODE if tiles is None else tiles.decode
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,18 +53,20 @@ def _interpret() -> bool:
 # --------------------------------------------------------------------------------------------
 
 tl = None  # triton.language, bound by _build_kernels (the kernels below read it as a global)
+dot = LN2 = None  # triton_common's jit helper and constant, bound by _kernels
 
 # The kernels are plain functions here, wrapped by ``triton.jit`` on first use: triton decides at
 # decoration time whether to compile or interpret (TRITON_INTERPRET), and the kernels call each
-# other through this module's globals, which _build_kernels points at the wrapped versions.
+# other (and triton_common's ``dot`` and ``LN2``) through this module's globals, which
+# _build_kernels points at the wrapped versions.
 
-def _split_range(seqlen, num_splits, win_left, pad, SQ: tl.constexpr, HAS_LEFT: tl.constexpr,
+def _split_range(seqlen, num_splits, window_left, pad, SQ: tl.constexpr, HAS_LEFT: tl.constexpr,
                  MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     # first visible key: the window's left edge as seen by query 0 (later queries see less), and
     # not before the row's left padding (cache_leftpad: keys [pad, seqlen) are the row's cache)
     lo = seqlen * 0 + pad
     if HAS_LEFT:
-        lo = tl.maximum(seqlen - SQ - win_left, lo)
+        lo = tl.maximum(seqlen - SQ - window_left, lo)
     lo = tl.minimum(lo, seqlen)
     n = seqlen - lo
     # (plain integer ceil-divisions: tl.cdiv is a jit function of triton.language, which the
@@ -114,39 +85,38 @@ def _row_offsets(pos, b, BT, stride_btb, stride_b, stride_s, PAGED: tl.constexpr
     else:
         return b.to(tl.int64) * stride_b + pos * stride_s
 
-def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_right,
-            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, window_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr):
     # -- scores of the packed query rows against one key tile, in log2 units (scaled in fp32,
-    # not by rounding a scaled q back to bf16). DOT_F32: the interpreter (triton 3.9) multiplies
-    # bf16 tiles wrongly, so there the operands are widened (same products, fp32 sums as on GPU)
-    if DOT_F32:
+    # not by rounding a scaled q back to bf16). DOT_PREC "upcast" (every dtype on CPU): the
+    # interpreter (triton 3.9) multiplies bf16 tiles wrongly, so there the operands are
+    # widened (same products, fp32 sums as on GPU) -- k before its transpose: the interpreter's
+    # fp32 dot sums a transposed-then-widened tile in another order (1-ulp differences)
+    if DOT_PREC == "upcast":
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    qk = qk * scale_log2  # (BLOCK_M, BLOCK_N) fp32
+        qk = dot(q, tl.trans(k), None, DOT_PREC)
+    qk = qk * qk_scale  # (BLOCK_M, BLOCK_N) fp32
     visible = kmask[None, :]
     if HAS_RIGHT:
-        visible = visible & (j[None, :] <= qpos[:, None] + win_right)
+        visible = visible & (j[None, :] <= qpos[:, None] + window_right)
     if HAS_LEFT:
-        visible = visible & (j[None, :] >= qpos[:, None] - win_left)
+        visible = visible & (j[None, :] >= qpos[:, None] - window_left)
     qk = tl.where(visible, qk, float("-inf"))
     # -- update m_i and l_i (a row with nothing visible yet keeps m = -inf; exp2 uses 0 then)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
+    m_pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_pivot)
+    p = tl.exp2(qk - m_pivot[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     # -- update the output accumulator
     p = p.to(v.dtype)  # P in the input dtype, as FA2
-    if DOT_F32:
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+    acc = acc * alpha[:, None] + dot(p, v, None, DOT_PREC)
     return m_new, l_i, acc
 
 def _split_kernel(
     Q, K, V, KN, VN, SEQLENS, BT, O_PART, OUT, LSE, SEM, LEFTPAD,
-    scale_log2, lse_offset, num_splits, snew, cap, win_left, win_right,
+    qk_scale, lse_offset, num_splits, snew, cap, window_left, window_right,
     stride_ob, stride_os, stride_oh,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -157,7 +127,7 @@ def _split_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    MIN_CHUNK: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    MIN_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
     FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= GROUP * SQ)
@@ -194,7 +164,7 @@ def _split_kernel(
     pad = 0
     if HAS_LEFTPAD:
         pad = tl.load(LEFTPAD + b)
-    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, pad, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
+    lo, chunk, n_used = _split_range(seqlen, num_splits, window_left, pad, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     s_idx = offs_m // GROUP
     h_idx = hkv * GROUP + offs_m % GROUP
@@ -233,8 +203,8 @@ def _split_kernel(
         row_v = _row_offsets(j, b, BT, stride_btb, stride_vb, stride_vs, PAGED, PAGE_SIZE, kmask)
         k = tl.load(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], mask=m2, other=0.0)
         v = tl.load(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], mask=m2, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_right,
-                                HAS_LEFT, HAS_RIGHT, PREC, DOT_F32)
+        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, window_right,
+                                HAS_LEFT, HAS_RIGHT, DOT_PREC)
 
     # -- the new keys, read from k/v (split 0 is copying them into the cache meanwhile)
     for j0 in range(tl.maximum(start, cache_len), end, BLOCK_N):
@@ -246,8 +216,8 @@ def _split_kernel(
         k = tl.load(KN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
         src = b.to(tl.int64) * stride_vnb + t * stride_vns + hkv * stride_vnh
         v = tl.load(VN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, scale_log2, win_left, win_right,
-                                HAS_LEFT, HAS_RIGHT, PREC, DOT_F32)
+        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, window_right,
+                                HAS_LEFT, HAS_RIGHT, DOT_PREC)
 
     # -- partial output (normalised) and its base-2 lse; layout (B, H, SQ, num_splits, ...)
     empty = l_i == 0.0
@@ -257,7 +227,7 @@ def _split_kernel(
     if FUSE_MERGE:
         if n_used == 1:  # one split: the final result, no partials and no merge
             tl.store(OUT + out_rows[:, None] + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=om_mask)
-            tl.store(LSE + lse_rows, lse2 * 0.6931471805599453, mask=m_mask)  # ln 2: base 2 -> e
+            tl.store(LSE + lse_rows, lse2 * LN2, mask=m_mask)  # base 2 -> e
             return
     row = lse_rows * num_splits + split
     tl.store(LSE_PART + row, lse2, mask=m_mask)
@@ -287,20 +257,20 @@ def _merge_row(O_PART, LSE_PART, OUT, LSE, row, out_off, n_used, num_splits,
     s_mask = offs_s < n_used
     lse = tl.load(LSE_PART + row * num_splits + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
     m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)
+    m_pivot = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_pivot)
     w_sum = tl.sum(w, 0)
     o = tl.load(O_PART + (row.to(tl.int64) * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=s_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0, cache_modifier=".cg")
     inv = 1.0 / tl.where(w_sum == 0.0, 1.0, w_sum)
     out = tl.sum(o * w[:, None], 0) * inv
     tl.store(OUT + out_off + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    lse_out = (m_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) * 0.6931471805599453  # ln 2: base 2 -> e
+    lse_out = (m_pivot + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) * LN2  # base 2 -> e
     tl.store(LSE + row, tl.where(w_sum == 0.0, float("-inf"), lse_out))
 
 def _merge_kernel(
     O_PART, SEQLENS, OUT, LSE, LEFTPAD,
-    lse_offset, num_splits, snew, cap, win_left,
+    lse_offset, num_splits, snew, cap, window_left,
     stride_ob, stride_os, stride_oh,
     H: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, HAS_LEFT: tl.constexpr, MIN_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -316,7 +286,7 @@ def _merge_kernel(
     pad = 0
     if HAS_LEFTPAD:
         pad = tl.load(LEFTPAD + b)
-    lo, chunk, n_used = _split_range(seqlen, num_splits, win_left, pad, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
+    lo, chunk, n_used = _split_range(seqlen, num_splits, window_left, pad, SQ, HAS_LEFT, MIN_CHUNK, BLOCK_N)
     _merge_row(O_PART, LSE_PART, OUT, LSE, row, b.to(tl.int64) * stride_ob + s * stride_os + h * stride_oh,
                n_used, num_splits, HEAD_DIM, BLOCK_D, BLOCK_S)
 
@@ -332,11 +302,12 @@ def _build_kernels() -> Dict[str, object]:
 
     triton = require("triton", "the Triton decode path")
     tl = require("triton.language", "the Triton decode path")
-    return {name: triton.jit(fn) for name, fn in _RAW.items()}
+    shared = triton_common.jit_helpers()  # for this interpreter mode, as the kernels below
+    return {"dot": shared["dot"], "LN2": shared["LN2"], **{name: triton.jit(fn) for name, fn in _RAW.items()}}
 
 
 def _kernels():
-    mode = _interpret()
+    mode = interpreting()
     ks = _KERNELS.get(mode)
     if ks is None:
         ks = _KERNELS[mode] = _build_kernels()
@@ -363,21 +334,24 @@ def _num_sms(device: torch.device) -> int:
     return n
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def num_splits(num_kv_heads: int, capacity: int, rows: int, num_sms: int, cfg: Dict[str, object] = DECODE_DEFAULTS) -> int:
+def num_splits(num_kv_heads: int, capacity: int, rows: int, num_sms: int, tiles: Optional[DecodeTiles] = None) -> int:
     """How many programs may share one (batch row, kv head): from shapes and the SM count only.
 
     Aimed at ``waves * num_sms`` programs for a *single* long row, whatever the batch size: a
     ragged batch's longest row must be spread over the whole chip, while short rows use fewer
     splits on the device (each chunk has at least ``min_chunk`` keys). ``capacity`` (the cache
     length, or pages x page size) bounds the useful number, ``max_splits`` the merge's width.
+    ``tiles``: the profile's DecodeTiles (None: the defaults).
     """
-    min_chunk = max(int(cfg["min_chunk"]), int(cfg["min_chunk_per_row"]) * rows)
-    want = math.ceil(int(cfg["waves"]) * num_sms / max(1, num_kv_heads))
-    return max(1, min(int(cfg["max_splits"]), want, math.ceil(max(1, capacity) / min_chunk)))
+    tiles = _DEFAULT_DECODE if tiles is None else tiles
+    min_chunk = _min_chunk(tiles, rows)
+    want = math.ceil(tiles.waves * num_sms / max(1, num_kv_heads))
+    return max(1, min(tiles.max_splits, want, math.ceil(max(1, capacity) / min_chunk)))
+
+
+def _min_chunk(tiles: DecodeTiles, rows: int) -> int:
+    """Fewest keys a split streams, for ``rows`` packed query rows."""
+    return max(tiles.min_chunk, tiles.min_chunk_per_row * rows)
 
 
 def decode_check(q: torch.Tensor, k_cache: torch.Tensor, p) -> Optional[str]:
@@ -389,12 +363,13 @@ def decode_check(q: torch.Tensor, k_cache: torch.Tensor, p) -> Optional[str]:
     if q.device.type == "cuda":
         if torch.cuda.get_device_capability(q.device) < (8, 0):
             return "the Triton decode kernels need compute capability >= 8.0"
-    elif not (q.device.type == "cpu" and _interpret()):
+    elif not (q.device.type == "cpu" and interpreting()):
         return f"{q.device.type} tensors need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
-    if q.dim() != 4 or not 1 <= q.shape[1] <= MAX_SQ:
-        return f"the decode path takes 1..{MAX_SQ} query tokens, got {q.shape[1] if q.dim() == 4 else q.shape}"
+    if q.dim() != 4 or not 1 <= q.shape[1] <= DECODE_MAX_QUERIES:
+        return (f"the decode path takes 1..{DECODE_MAX_QUERIES} query tokens, "
+                f"got {q.shape[1] if q.dim() == 4 else q.shape}")
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if k_cache.stride(-1) != 1:
@@ -417,7 +392,7 @@ class _Plan:
     """Everything about a call that depends on shapes and options only (cached per key)."""
 
     __slots__ = ("grid1", "grid2", "ns", "ws_numel", "split_scalars", "merge_scalars", "split_const",
-                 "merge_const", "split_opts", "merge_opts", "poison", "profile", "fast", "fuse", "sems",
+                 "merge_const", "split_opts", "merge_opts", "profile", "fast", "fuse", "sems",
                  "sem_numel")
 
 
@@ -425,18 +400,16 @@ def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False, al
     B, Sq, H, D = q.shape
     Hkv = k_cache.shape[2]
     group = H // Hkv
-    cfg = _cfg(p)
+    tiles = _tiles(p)
     rows = group * Sq
-    block_d = max(16, _next_pow2(D))
-    block_n = int(cfg["block_n"].get(block_d, 32))
+    block_d = max(16, next_pow2(D))
+    block_n = tiles.keys_per_tile(block_d)
     page_size = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    ns = num_splits(Hkv, capacity, rows, _num_sms(q.device), cfg)
-    min_chunk = max(int(cfg["min_chunk"]), int(cfg["min_chunk_per_row"]) * rows)
+    ns = num_splits(Hkv, capacity, rows, _num_sms(q.device), tiles)
+    min_chunk = _min_chunk(tiles, rows)
     min_chunk = -(-min_chunk // block_n) * block_n
-    left, right = p.window_size
-    if p.causal:
-        right = 0 if right < 0 else min(right, 0)
+    left, right = fold_window(p.causal, p.window_size)
     has_left = left >= 0
     has_right = 0 <= right < Sq - 1  # right >= Sq - 1 hides no key of the L visible ones
     left, right = max(left, 0), max(right, 0)
@@ -445,24 +418,23 @@ def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False, al
     pl = _Plan()
     pl.grid1, pl.grid2, pl.ns = (B * Hkv, ns, 1), (B * H * Sq, 1, 1), ns
     pl.ws_numel = lse_offset + B * H * Sq * ns
-    pl.split_scalars = (p.softmax_scale * LOG2E, lse_offset, ns, snew, capacity, left, right)
+    pl.split_scalars = (log2_scale(p.softmax_scale), lse_offset, ns, snew, capacity, left, right)
     pl.merge_scalars = (lse_offset, ns, snew, capacity, left)
     # constexprs in signature order (the fast launch passes every argument positionally)
     # (not while a CUDA graph is being captured: the fused merge's counters would be allocated
     # from the graph's private memory pool; the separate merge kernel needs none)
-    pl.fuse = allow_fuse and rows <= int(cfg["fuse_merge_max_rows"])
-    block_s = max(2, _next_pow2(ns))
-    pl.split_const = (Hkv, group, Sq, D, max(16, _next_pow2(rows)), block_n, block_d, paged, page_size,
-                      has_left, has_right, min_chunk, "ieee" if q.dtype == torch.float32 else "tf32",
-                      q.device.type == "cpu", pl.fuse, block_s, has_leftpad)
+    pl.fuse = allow_fuse and rows <= tiles.fuse_merge_max_rows
+    block_s = max(2, next_pow2(ns))
+    # DOT_PREC: on GPU the forward's; on CPU (the interpreter) every dtype is widened ("upcast")
+    prec = "upcast" if q.device.type == "cpu" else dot_precision(q.dtype, upcast=False)
+    pl.split_const = (Hkv, group, Sq, D, max(16, next_pow2(rows)), block_n, block_d, paged, page_size,
+                      has_left, has_right, min_chunk, prec, pl.fuse, block_s, has_leftpad)
     pl.merge_const = (H, Sq, D, block_d, block_s, has_left, min_chunk, block_n, has_leftpad)
     # split counters of the fused merge: zeroed once, reset by the kernel itself; one set per
     # stream, so that calls on different streams never share them
     pl.sems, pl.sem_numel = {}, B * Hkv
-    pl.split_opts = {"num_warps": int(cfg["num_warps"]), "num_stages": int(cfg["num_stages"])}
-    pl.merge_opts = {"num_warps": int(cfg["merge_num_warps"])}
-    # tests: NaN-fill every buffer the kernels must write, so an element they skip fails
-    pl.poison = os.environ.get("QWEN3VL_FLASH_TRITON_POISON", "0") == "1"
+    pl.split_opts = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    pl.merge_opts = {"num_warps": tiles.merge_num_warps}
     pl.profile = p.profile  # keeps id(p.profile) in the plan key from being reused
     pl.fast = {} if (FAST_LAUNCH and q.device.type == "cuda") else None
     return pl
@@ -533,8 +505,6 @@ def decode_attention(
            id(p.profile), None if block_table is None else block_table.shape, has_pad, capturing or not fuse)
     pl = _PLANS.get(key)
     if pl is None:
-        if block_table is not None:
-            _check_block_table(block_table, q, k_cache)
         pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table, has_pad,
                                  allow_fuse=fuse and not capturing)
     pad_t = cache_leftpad if has_pad else cache_seqlens  # never read without HAS_LEFTPAD
@@ -550,9 +520,7 @@ def decode_attention(
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=dev)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
     ws = torch.empty((pl.ws_numel,), dtype=torch.float32, device=dev)
-    if pl.poison:
-        for t in (out, lse, ws):
-            t.fill_(float("nan"))
+    poison(out, lse, ws)  # tests: NaN-fill every buffer the kernels must write, so a skipped element fails
     strides = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                bt.stride(0) if block_table is not None else 0)
     spec = stream = None
@@ -576,37 +544,3 @@ def decode_attention(
                 (ws, cache_seqlens, out, lse, pad_t, *pl.merge_scalars, H * D * Sq, H * D, D),
                 pl.merge_const, pl.merge_opts, spec, stream)
     return out, lse
-
-
-def _check_block_table(block_table, q, k_cache) -> None:
-    """Shape/dtype checks of a paged layout (no value reads: those would synchronise)."""
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
-        raise TypeError(f"block_table must be an int32 tensor (B, max_pages), got {getattr(block_table, 'dtype', type(block_table))}")
-    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
-        raise ValueError(f"block_table must have shape (B={q.shape[0]}, max_pages), got {tuple(block_table.shape)}")
-    if block_table.device != q.device:
-        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
-    if block_table.stride(1) != 1:
-        raise ValueError("block_table must be contiguous along max_pages")
-
-
-def check_block_table_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, snew: int, num_pages: int,
-                             page_size: int) -> None:
-    """Value checks of a paged layout (synchronises: call outside CUDA-graph capture).
-
-    Every page a row uses -- the first ``cdiv(cache_seqlens[b] + snew, page_size)`` entries of
-    ``block_table[b]`` -- must index an existing page, and the row must fit its table.
-    """
-    lens = cache_seqlens.long() + snew
-    used = (lens + page_size - 1) // page_size  # pages per row
-    if int(used.max()) > block_table.shape[1] if used.numel() else False:
-        raise ValueError(
-            f"cache overflow: cache_seqlens + Snew ({int(lens.max())}) exceeds block_table's "
-            f"{block_table.shape[1]} pages x page_size {page_size}"
-        )
-    live = torch.arange(block_table.shape[1], device=block_table.device).unsqueeze(0) < used.unsqueeze(1)
-    vals = block_table[live]
-    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_pages):
-        raise ValueError(
-            f"block_table holds page indices outside [0, {num_pages}) (min {int(vals.min())}, max {int(vals.max())})"
-        )

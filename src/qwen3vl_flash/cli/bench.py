@@ -1,15 +1,14 @@
 """``qwen3vl-flash bench``: our backends against PyTorch SDPA and eager, over sequence lengths.
 
-Writes ``bench.csv`` (one row per backend x dtype x length: median ms, GFLOP/s, peak extra MB,
-device, versions, date) and, with matplotlib, ``bench_time.png`` / ``bench_memory.png``.
-The default (text-8B heads: 32 query / 8 kv, head_dim 128, causal) finishes in about a
-minute on 2 CPU cores.
+Writes ``bench.csv`` in the benchmark schema (``qwen3vl_flash.benchmarking.FIELDS``: one row per
+backend x dtype x length with the p20/p50/p80 time in ms, TFLOP/s at p50, peak extra MB, device,
+versions, date; ``benchmarks/README.md`` explains the columns) and, with matplotlib,
+``bench_time.png`` / ``bench_memory.png``. The default (text-8B heads: 32 query / 8 kv, head_dim
+128, causal) finishes in about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
 import os
 import platform
 from typing import List
@@ -18,12 +17,16 @@ import torch
 
 import qwen3vl_flash as qf
 from qwen3vl_flash._optional import available
-from qwen3vl_flash.benchmarking import attention_flops, peak_extra_bytes, time_fn
-
-CSV_FIELDS = [
-    "backend", "dtype", "mode", "B", "H", "Hkv", "D", "causal", "seqlen", "ms", "gflops",
-    "peak_extra_mb", "device", "profile", "torch", "date",
-]
+from qwen3vl_flash.benchmarking import (
+    Recorder,
+    append_rows,
+    attention_flops,
+    extra,
+    line_plot,
+    peak_extra_bytes,
+    tflops,
+    time_quantiles,
+)
 
 
 def add_arguments(p) -> None:
@@ -35,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--no-causal", action="store_true", help="non-causal attention (default: causal)")
-    p.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
+    p.add_argument("--mode", choices=["fwd", "fwd_bwd", "fwd+bwd"], default="fwd")
     p.add_argument("--backends", default=None, help="comma list (default: every backend that can run, plus auto; "
                    "on GPUs also torch-flash, torch-cudnn, torch-efficient: PyTorch SDPA with that kernel forced)")
     p.add_argument("--repeats", type=int, default=3)
@@ -43,7 +46,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
-def _progress(items: List, desc: str):
+def _progress(items: list, desc: str):
     if available("tqdm"):
         from tqdm import tqdm
 
@@ -105,7 +108,7 @@ def _call(backend: str, q, k, v, causal: bool, mode: str):
     return fwd_bwd
 
 
-def run(args) -> List[dict]:
+def run(args) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     dtypes = (args.dtype or ("bfloat16" if on_gpu else "float32,bfloat16")).split(",")
@@ -120,10 +123,10 @@ def run(args) -> List[dict]:
         wanted += list(TORCH_KERNELS)  # PyTorch's flash / cuDNN / efficient kernels, same run
     causal = not args.no_causal
     profile = qf.select_profile(qf.detect_hardware(device))
-    hw_name = qf.detect_hardware(device).name
-    stamp = datetime.date.today().isoformat()
+    case = f"{'causal' if causal else 'full'} {args.heads}/{args.kv_heads} hd{args.head_dim} B={args.batch}"
+    rec = Recorder("cli", None, device=device, echo=False)
+    mode = "fwd" if args.mode == "fwd" else "fwd+bwd"
     jobs = [(dt, S, b) for dt in dtypes for S in seqlens for b in wanted]
-    rows = []
     bar = _progress(jobs, "bench")
     for dt_name, S, backend in bar:
         dtype = getattr(torch, dt_name, None)
@@ -132,38 +135,34 @@ def run(args) -> List[dict]:
         g = torch.Generator(device="cpu").manual_seed(S)
         shape_q = (args.batch, S, args.heads, args.head_dim)
         shape_kv = (args.batch, S, args.kv_heads, args.head_dim)
-        grad = args.mode == "fwd_bwd"
+        grad = mode != "fwd"
         q = torch.randn(shape_q, generator=g).to(device, dtype).requires_grad_(grad)
         k = torch.randn(shape_kv, generator=g).to(device, dtype).requires_grad_(grad)
         v = torch.randn(shape_kv, generator=g).to(device, dtype).requires_grad_(grad)
-        fn = _call(backend, q, k, v, causal, args.mode)
+        fn = _call(backend, q, k, v, causal, mode)
         try:
             fn()  # also the "can this backend run it" probe
         except (ValueError, RuntimeError) as exc:
             if hasattr(bar, "write"):
                 bar.write(f"skip {backend} {dt_name} S={S}: {str(exc).splitlines()[0]}")
             continue
-        secs = time_fn(fn, device, warmup=0, repeats=args.repeats)
+        p20, p50, p80 = time_quantiles(fn, device, warmup=0, repeats=args.repeats)
         peak = peak_extra_bytes(fn, device)
-        flops = attention_flops(args.batch, args.heads, S, S, args.head_dim, causal, args.mode)
-        rows.append(dict(
-            backend=backend, dtype=dt_name, mode=args.mode, B=args.batch, H=args.heads, Hkv=args.kv_heads,
-            D=args.head_dim, causal=causal, seqlen=S, ms=round(secs * 1e3, 3), gflops=round(flops / secs / 1e9, 2),
-            peak_extra_mb=round(peak / 2**20, 2), device=hw_name, profile=profile.name, torch=torch.__version__,
-            date=stamp,
-        ))
+        flops = attention_flops(args.batch, args.heads, S, S, args.head_dim, causal, mode)
+        rec.add(case=case, provider=backend, mode=mode, dtype=dt_name, x_name="S", x=S, p20=p20 * 1e3,
+                p50=p50 * 1e3, p80=p80 * 1e3, rate=tflops(flops, p50 * 1e3), rate_unit="TFLOP/s",
+                memory_mb=peak / 2**20, extra=extra(profile=profile.name))
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{backend} {dt_name} S={S}: {secs * 1e3:.1f} ms")
-    return rows
+            bar.set_postfix_str(f"{backend} {dt_name} S={S}: {p50 * 1e3:.1f} ms")
+    return rec.rows
 
 
-def write_outputs(rows: List[dict], out: str, plot: bool) -> List[str]:
+def write_outputs(rows: list[dict], out: str, plot: bool) -> list[str]:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "bench.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    if os.path.exists(path):
+        os.remove(path)  # one run per folder
+    append_rows(path, rows)
     written = [path]
     if plot:
         if not available("matplotlib"):
@@ -173,39 +172,21 @@ def write_outputs(rows: List[dict], out: str, plot: bool) -> List[str]:
     return written
 
 
-def _plot(rows: List[dict], out: str) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for key, label, fname in (("ms", "median time (ms)", "bench_time.png"), ("peak_extra_mb", "peak extra memory (MB)", "bench_memory.png")):
-        dtypes = sorted({r["dtype"] for r in rows})
-        fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
-        for ax, dt in zip(axes[0], dtypes):
-            for backend in sorted({r["backend"] for r in rows if r["dtype"] == dt}):
-                pts = sorted((r["seqlen"], r[key]) for r in rows if r["dtype"] == dt and r["backend"] == backend)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel(label)
-            ax.set_title(f"{dt}, {rows[0]['mode']}, {rows[0]['device'][:70]}", fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+def _plot(rows: list[dict], out: str) -> list[str]:
+    rows = [{k: str(v) for k, v in r.items()} for r in rows]
+    title = "{panel}, {mode}, {device}, {date}"
+    return [
+        line_plot(rows, "p50", os.path.join(out, "bench_time.png"), ylabel="median time (ms)", title=title),
+        line_plot(rows, "memory_mb", os.path.join(out, "bench_memory.png"), ylabel="peak extra memory (MB)",
+                  title=title),
+    ]
 
 
-def print_table(rows: List[dict]) -> None:
+def print_table(rows: list[dict]) -> None:
     print(f"\n{'backend':15s} {'dtype':9s} {'S':>6s} {'ms':>9s} {'GFLOP/s':>9s} {'peak MB':>9s}")
     for r in rows:
-        print(f"{r['backend']:15s} {r['dtype']:9s} {r['seqlen']:6d} {r['ms']:9.2f} {r['gflops']:9.1f} {r['peak_extra_mb']:9.1f}")
+        print(f"{r['provider']:15s} {r['dtype']:9s} {r['x']:6d} {r['p50']:9.2f} {r['rate'] * 1e3:9.1f} "
+              f"{r['memory_mb']:9.1f}")
 
 
 def main(args) -> int:

@@ -349,7 +349,7 @@ PROFILES: Dict[str, TileProfile] = {
             triton=TritonTiles(
                 # measured on H100 (docs/perf/gpu_kernels.md): causal hd128 S=4k sweep of 6 fwd / 6 bwd tiles
                 fwd=KernelTile(64, 64, num_warps=4, num_stages=3),
-                # 2026-11-25 run 2 (benchmarks/exp_fwd_variants.py, TMA + FMA kernel): hd128 causal
+                # 2026-11-25 run 2 (benchmarks/experiments/exp_fwd_variants.py, TMA + FMA kernel): hd128 causal
                 # 64x64 w4 s3 437 TF/s at 4k, 128x128 w8 s3 501 / 515 at 16k / 32k
                 fwd_long_from=8192,
                 fwd_long_by_dim={128: KernelTile(128, 128, num_warps=8, num_stages=3)},

@@ -35,7 +35,6 @@ What :func:`register` installs (idempotent; verified on transformers 4.57.6 and 
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 import weakref
 from dataclasses import dataclass
@@ -45,13 +44,12 @@ import torch
 
 from .. import ATTN_IMPLEMENTATION
 from .._optional import require
-from ..backends.base import AttnRequest, get_backend
+from ..backends import decode_op, decode_op_serves
+from ..conventions import DECODE_MAX_QUERIES, needs_grad, warn_once
 from ..interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, host_values
 
 __all__ = ["register", "enable", "attention_forward", "attention_mask", "attend", "is_registered"]
 
-log = logging.getLogger("qwen3vl_flash")
-_warned: set = set()
 _REGISTERED = False
 _PATCH_MARK = "_qwen3vl_flash_wrapped"
 _CP_ATTR = "_qwen3vl_flash_cp_group"
@@ -60,12 +58,6 @@ _VISION_CLASSES = (
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
     ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionAttention"),
 )
-
-
-def _warn_once(key, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,26 +215,10 @@ def _sdpa_with_mask(q, k, v, mask, scale: float):
     return out.transpose(1, 2).contiguous()
 
 
-DECODE_MAX_QUERIES = 16  # the Triton split-KV decode kernels take up to 16 query tokens
-
-
-def _needs_grad(q, k, v) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-
-def _decode_kernel_serves(q, k) -> bool:
-    """Whether the Triton split-KV kernel can take this decode call (shapes, dtype, device only)."""
-    return _decode_kernel_serves_for(q.device.type, q.device.index, q.dtype, q.shape[-1], q.shape[1], k.shape[1],
-                                     q.shape[2], k.shape[2])
-
-
-@torch.compiler.assume_constant_result  # evaluated once while tracing: a constant in the graph
-def _decode_kernel_serves_for(device_type: str, index, dtype, D: int, H: int, Hkv: int, Sq: int, Sk: int) -> bool:
-    be = get_backend("triton")
-    cap = torch.cuda.get_device_capability(index) if device_type == "cuda" else None
-    req = AttnRequest(device_type=device_type, dtype=dtype, head_dim=D, num_heads=H, num_kv_heads=Hkv,
-                      seqlen_q=Sq, seqlen_k=Sk, causal=True, need_lse=False, device_capability=cap)
-    return be.check(req) is None and D <= 256 and H % Hkv == 0
+def _decode_op_serves(q, k) -> bool:
+    """Whether the backends' traceable decode op takes this call; q (B, H, Sq, D), k (B, Hkv, Sk, D)."""
+    return decode_op_serves(q.device.type, q.device.index, q.dtype, q.shape[-1], q.shape[1], k.shape[1],
+                            q.shape[2], k.shape[2])
 
 
 def _compiled_decode(q, k, v, mask, scale: float):
@@ -251,8 +227,6 @@ def _compiled_decode(q, k, v, mask, scale: float):
     empty slots), and the split-KV kernel reads only that range. A mask that is not of that form
     (causal within the range) trips a device-side assert instead of giving wrong attention.
     q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, Sq, H, D)."""
-    from ..backends.triton_backend import triton_decode_op
-
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     mm = mask[..., :Sk]
@@ -265,8 +239,8 @@ def _compiled_decode(q, k, v, mask, scale: float):
     torch._assert_async(torch.all(expect == m) & torch.all(mm == m.unsqueeze(1)),
                         "qwen3vl_flash: a compiled decode step got a mask that is not "
                         "one causal key range per row (padding + causal); run it without torch.compile")
-    out, _ = triton_decode_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), end.to(torch.int32),
-                              start.to(torch.int32), float(scale), True)
+    out, _ = decode_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), end.to(torch.int32),
+                       start.to(torch.int32), scale, True)
     return out
 
 
@@ -291,7 +265,7 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
         # of the mask cannot be traced. Decode steps take the split-KV kernel with each row's key
         # range [start, end) read from the mask on the device; other masked calls run SDPA with
         # the mask. Both are traceable and CUDA-graph capturable, so the graph stays whole.
-        if Sq <= DECODE_MAX_QUERIES and causal and not _needs_grad(q, k, v) and _decode_kernel_serves(q, k):
+        if Sq <= DECODE_MAX_QUERIES and causal and not needs_grad(q, k, v) and _decode_op_serves(q, k):
             return _compiled_decode(q, k, v, mask, scale)
         return _sdpa_with_mask(q, k, v, mask, scale)
     plan = _Plan("dense") if mask is None else _plan_for(mask, causal, Sk)
@@ -300,7 +274,8 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
         # local shard only, so refuse instead of returning wrong attention
         raise ValueError(
             "context parallelism (qf.enable(model, context_parallel=group)) serves unpadded self-attention "
-            f"over sharded sequences only; this call has {'a padding/custom mask' if plan.kind != 'dense' else 'a KV cache'} "
+            "over sharded sequences only; this call has "
+            f"{'a padding/custom mask' if plan.kind != 'dense' else 'a KV cache'} "
             f"(q_len={Sq}, kv_len={Sk}). Run it without padding and with use_cache=False, or call "
             "qf.enable(model, context_parallel=None) first"
         )
@@ -309,7 +284,7 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
             from ..parallel import context_parallel_attn
 
             out = context_parallel_attn(qt, kt, vt, causal=causal, group=cp_group, softmax_scale=scale)
-        elif q.is_cuda and Sq <= DECODE_MAX_QUERIES and Sq < Sk and not _needs_grad(q, k, v):
+        elif q.is_cuda and Sq <= DECODE_MAX_QUERIES and Sq < Sk and not needs_grad(q, k, v):
             # decoding against a DynamicCache history: the split-KV decode path reads the cache
             # in place (strided views), with no host syncs and a host cost independent of Sk
             # (cuDNN rebuilds its plan whenever Sk changes); auto falls back to the dense path
@@ -317,8 +292,8 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
         else:
             out = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=causal)
         return out.contiguous()
-    needs_grad = _needs_grad(q, k, v)
-    if plan.kind == "kvcache" and not needs_grad:
+    grad = needs_grad(q, k, v)
+    if plan.kind == "kvcache" and not grad:
         # the lengths come from our own reading of the mask: no second device sync to check them
         return flash_attn_with_kvcache(qt, kt, vt, cache_seqlens=plan.cache_seqlens, softmax_scale=scale,
                                        causal=causal, check_values=False,
@@ -333,8 +308,8 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
         out = qt.new_zeros(B, Sq, H, D)
         out[plan.q_valid] = outp
         return out
-    _warn_once(("mask", "fallback"), "qwen3vl_flash: this attention mask is not a padding/causal pattern "
-               "(custom 4D mask); those calls use PyTorch SDPA with the mask")
+    warn_once(("mask", "fallback"), "qwen3vl_flash: this attention mask is not a padding/causal pattern "
+              "(custom 4D mask); those calls use PyTorch SDPA with the mask")
     return _sdpa_with_mask(q, k, v, mask, scale)
 
 
@@ -404,8 +379,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     cu_q = kwargs.get("cu_seq_lens_q")
     if _output_attentions_requested(kwargs) or (dropout and training):
         why = "output_attentions=True" if _output_attentions_requested(kwargs) else "attention dropout"
-        _warn_once(("eager", why), f"qwen3vl_flash: {why} needs the attention weights; those calls "
-                   "fall back to eager (materialised) attention")
+        warn_once(("eager", why), "qwen3vl_flash: %s needs the attention weights; those calls fall back to "
+                  "eager (materialised) attention", why)
         mask = attention_mask
         if cu_q is not None and mask is None:  # packed segments never see each other
             mask = _segment_mask(cu_q, kwargs.get("cu_seq_lens_k", cu_q), causal)

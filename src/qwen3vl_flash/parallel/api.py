@@ -9,6 +9,8 @@ from typing import Optional, Union
 import torch
 
 from ..backends.base import AttnRequest, Backend, get_backend
+from ..conventions import needs_grad
+from ..hardware.profiles import profile_for_device
 from ..interface import _check_heads, _check_options, _check_same, _check_tensor, flash_attn_func
 from .allgather import allgather_attn
 from .comm import CPTopology, resolve_topology, split_groups
@@ -68,21 +70,23 @@ def choose_mode(num_heads: int, num_kv_heads: int, group=None) -> str:
 
 
 def choose_kernel(q: torch.Tensor, num_kv_heads: int, causal: bool, backend: Union[str, Backend] = "auto",
-                  square: bool = True) -> Backend:
-    """The FA2-style backend (forward + backward + lse) run on each block. ``auto``: on CUDA
-    ``cudnn`` (cuDNN's fused kernels with lse: the fastest forward+backward we measured on H100),
-    then ``triton`` (our kernels), then ``tiled``; on CPU ``tiled``. Or the one named.
+                  square: bool = True, k=None, v=None) -> Backend:
+    """The FA2-style backend (forward + backward + lse) run on each block. ``auto``: the first that
+    serves the call in the device profile's ``cp_order`` (on CUDA ``cudnn``, cuDNN's fused kernels
+    with lse: the fastest forward+backward we measured on H100, then ``triton`` (our kernels), then
+    ``tiled``; on CPU ``tiled``). Or the one named.
     ``square=False``: the blocks are causal with Sq != Sk (the all-gather mode), which rules out
-    kernels whose causal mask is top-left aligned (``cudnn``)."""
+    kernels whose causal mask is top-left aligned (``cudnn``). ``k``/``v``: the call's K/V, when
+    known, so that a frozen query with trainable K/V still asks for a backward."""
     if isinstance(backend, Backend):
         return backend
     req = AttnRequest(
         device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[-2],
         num_kv_heads=num_kv_heads, seqlen_q=q.shape[1], seqlen_k=q.shape[1] * (1 if square else 2), causal=causal,
-        need_lse=True, need_grad=torch.is_grad_enabled() and q.requires_grad,
+        need_lse=True, need_grad=needs_grad(q, k, v),
         device_capability=torch.cuda.get_device_capability(q.device) if q.is_cuda else None,
     )
-    names = ((["cudnn", "triton"] if q.is_cuda else []) + ["tiled"]) if backend == "auto" else [backend]
+    names = list(profile_for_device(q.device).cp_order) if backend == "auto" else [backend]  # the profile's
     reasons = []
     for name in names:
         be = get_backend(name)
@@ -132,8 +136,10 @@ def context_parallel_attn(
         layout: "zigzag" (rank r holds chunks r and 2W-1-r of 2W) or "contiguous".
         softmax_scale: default 1/sqrt(D).
         return_lse: also return this shard's lse (B, H, S_local), float32 (float64 for float64).
-        backend: the per-block kernel: "auto" (``triton`` on CUDA when it can, else ``tiled``),
-            "tiled", "triton", or a Backend object with forward/backward.
+        backend: the per-block kernel: "auto" (:func:`choose_kernel`: the first of ``cudnn``,
+            ``triton``, ``tiled`` on CUDA that serves the block, ``tiled`` on CPU; the all-gather
+            mode skips ``cudnn``), "cudnn", "tiled", "triton", or a Backend object with
+            forward/backward.
 
     Returns:
         out (B, S_local, H, D) in q's dtype [, lse].
@@ -173,7 +179,7 @@ def context_parallel_attn(
     Hkv = k.shape[2]
     if mode == "auto":
         mode = choose_mode(H, Hkv, topo)
-    be = choose_kernel(q, Hkv, causal, backend, square=mode != "allgather")
+    be = choose_kernel(q, Hkv, causal, backend, square=mode != "allgather", k=k, v=v)
     if mode in ("ring", "ulysses", "allgather") and (topo.two_dim or topo.flat_group is None):
         raise ValueError(f"mode={mode!r} needs one flat process group; a 2-D group runs mode='hybrid'")
     if mode == "ring":

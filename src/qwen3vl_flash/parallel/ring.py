@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..backends.base import AttnParams, Backend
+from ..conventions import needs_grad
 from ..hardware.profiles import profile_for_device
 from ..reference import lse_dtype
 from .comm import RingComm
@@ -70,18 +71,22 @@ def _params(q: torch.Tensor, scale: float, causal: bool) -> AttnParams:
     return AttnParams(softmax_scale=scale, causal=causal, profile=profile_for_device(q.device))
 
 
+def _setup(be: Backend, q, scale: float, comm):
+    """What both directions need: (world size, rank, half the local length, the block params by
+    causality, the accumulator dtype, whether blocks get contiguous row copies)."""
+    W = comm.size if comm is not None else 1
+    r = comm.rank if comm is not None else 0
+    params = {c: _params(q, scale, c) for c in (False, True)}
+    return W, r, q.shape[1] // 2, params, _acc_dtype(q.dtype), not getattr(be, "strided_rows", False)
+
+
 def ring_forward(be: Backend, q, k, v, scale: float, causal: bool, layout: str, comm: Optional[RingComm]):
     """Forward over the ring; returns out (q's dtype) and the global lse (B, H, S).
 
     Memory beyond the inputs: the fp32 accumulator (out, lse), one K/V receive buffer (two for
     more than 2 ranks), the block's output and one fp32 temporary of its size (the merge is in
     place)."""
-    W = comm.size if comm is not None else 1
-    r = comm.rank if comm is not None else 0
-    half = q.shape[1] // 2
-    params = {c: _params(q, scale, c) for c in (False, True)}
-    acc_t = _acc_dtype(q.dtype)
-    copy = not getattr(be, "strided_rows", False)
+    W, r, half, params, acc_t, copy = _setup(be, q, scale, comm)
     kv, spare = (k, v), None  # K and V travel as two messages of one batch: no stacked copy
     out = lse = None
     for step in range(W):
@@ -112,12 +117,7 @@ def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bo
     Memory beyond the inputs: dq's fp32 accumulator, the travelling fp32 dK/dV accumulator and
     the one arriving, one K/V receive buffer (two for more than 2 ranks) and one block's
     gradients (freed before the next block is computed)."""
-    W = comm.size if comm is not None else 1
-    r = comm.rank if comm is not None else 0
-    half = q.shape[1] // 2
-    params = {c: _params(q, scale, c) for c in (False, True)}
-    acc_t = _acc_dtype(q.dtype)
-    copy = not getattr(be, "strided_rows", False)
+    W, r, half, params, acc_t, copy = _setup(be, q, scale, comm)
     dq = dk = dv = None  # fp32 accumulators, started from the first block's gradients
     kv, spare = (k, v), None
     dkv_spare = dkv_next = None
@@ -198,7 +198,7 @@ def ring_attn(q, k, v, be: Backend, scale: float, causal: bool, layout: str,
     """Ring attention over ``group`` (``size`` ranks, this one ``rank``) on local shards laid out
     by ``layout``; ``size == 1`` is one local FA2 call. Differentiable; returns (out, lse)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad(q, k, v):
         return _RingAttnFunction.apply(q, k, v, be, scale, causal, layout, group, size, rank)
     comm = RingComm(group, size, rank) if size > 1 else None
     return ring_forward(be, q, k, v, scale, causal, layout, comm)

@@ -50,30 +50,30 @@ def check_ulysses_heads(num_heads: int, num_kv_heads: int, degree: int) -> None:
         )
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """(B, S/W, h*W, D) -> (B, S, h, D); its gradient is the inverse all-to-all."""
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_4d`` from ``scatter_dim`` to ``gather_dim``; its gradient is the inverse one.
+    Sequence -> heads: (B, S/W, h*W, D) -> (B, S, h, D) is (2, 1); heads -> sequence is (1, 2)."""
 
     @staticmethod
-    def forward(ctx, x, group, size):
-        ctx.group, ctx.size = group, size
-        return all_to_all_4d(x, group, size, scatter_dim=2, gather_dim=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_to_all_4d(g.contiguous(), ctx.group, ctx.size, scatter_dim=1, gather_dim=2), None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """(B, S, h, D) -> (B, S/W, h*W, D)."""
-
-    @staticmethod
-    def forward(ctx, x, group, size):
-        ctx.group, ctx.size = group, size
-        return all_to_all_4d(x, group, size, scatter_dim=1, gather_dim=2)
+    def forward(ctx, x, group, size, scatter_dim: int, gather_dim: int):
+        ctx.args = (group, size, scatter_dim, gather_dim)
+        return all_to_all_4d(x, group, size, scatter_dim=scatter_dim, gather_dim=gather_dim)
 
     @staticmethod
     def backward(ctx, g):
-        return all_to_all_4d(g.contiguous(), ctx.group, ctx.size, scatter_dim=2, gather_dim=1), None, None
+        group, size, scatter_dim, gather_dim = ctx.args  # the inverse: the two dims swap roles
+        dx = all_to_all_4d(g.contiguous(), group, size, scatter_dim=gather_dim, gather_dim=scatter_dim)
+        return dx, None, None, None, None
+
+
+def _seq_to_heads(x, group, size):
+    """(B, S/W, h*W, D) -> (B, S, h, D), differentiable."""
+    return _AllToAll.apply(x, group, size, 2, 1)
+
+
+def _heads_to_seq(x, group, size):
+    """(B, S, h, D) -> (B, S/W, h*W, D), differentiable."""
+    return _AllToAll.apply(x, group, size, 1, 2)
 
 
 def zigzag_gathered_to_ring(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -104,9 +104,9 @@ def ulysses_attn(q, k, v, topo: CPTopology, be: Backend, scale: float, causal: b
     if Hkv < wu:  # GQA: replicate each kv head to the W/Hkv ranks whose query heads read it
         k = k.repeat_interleave(wu // Hkv, dim=2)
         v = v.repeat_interleave(wu // Hkv, dim=2)
-    qh = _SeqToHeads.apply(q, group, wu)  # (B, S_l * wu, H / wu, D)
-    kh = _SeqToHeads.apply(k, group, wu)
-    vh = _SeqToHeads.apply(v, group, wu)
+    qh = _seq_to_heads(q, group, wu)  # (B, S_l * wu, H / wu, D)
+    kh = _seq_to_heads(k, group, wu)
+    vh = _seq_to_heads(v, group, wu)
     reorder = causal and layout == "zigzag" and wu > 1  # non-causal attention ignores token order
     if reorder:
         qh, kh, vh = (zigzag_gathered_to_ring(t, wu, 1) for t in (qh, kh, vh))
@@ -114,7 +114,7 @@ def ulysses_attn(q, k, v, topo: CPTopology, be: Backend, scale: float, causal: b
     if reorder:
         out = ring_to_zigzag_gathered(out, wu, 1)
         lse = ring_to_zigzag_gathered(lse, wu, 2)
-    out = _HeadsToSeq.apply(out, group, wu)
+    out = _heads_to_seq(out, group, wu)
     # lse (B, H/wu, S) -> (B, S, H/wu, 1) -> all-to-all -> (B, H, S_l); not differentiable
     lse = all_to_all_4d(lse.detach().transpose(1, 2).unsqueeze(-1).contiguous(), group, wu, 1, 2)
     return out, lse.squeeze(-1).transpose(1, 2).contiguous()
