@@ -19,8 +19,16 @@ What :func:`register` installs (idempotent; verified on transformers 4.57.6 and 
 * The mask is read once per forward (cached by identity across layers) and turned into the
   cheapest exact call: dense causal (no padding), ``flash_attn_with_kvcache`` with per-row valid
   lengths (StaticCache buffers: empty slots are never attended), or one ``flash_attn_varlen_func``
-  over the unpadded tokens (left padding). A mask that is none of these (custom 4D masks) goes to
-  transformers' sdpa with the mask, with a one-time warning.
+  over the unpadded tokens (left padding), or one varlen call over the segments of a
+  block-diagonal causal mask (packed rows: what transformers builds for them without a cache;
+  checked exactly). A mask that is none of these (custom 4D masks) goes to PyTorch SDPA with the
+  mask, with a one-time warning.
+* Padding-free packing without a mask (``DataCollatorWithFlattening`` with a cache, where
+  transformers builds no packed mask): text ``position_ids`` that restart are read as segments, as
+  ``flash_attention_2`` reads them, once per forward (one device-to-host copy, prefill-like calls
+  only; see :func:`_position_plan`); ``cu_seq_lens_q/k`` when given. Rows whose ids repeat or
+  jump (MRoPE rows: 4.57.6 passes ``position_ids[0]`` of 3-row ids) are never read as packed, and
+  a mask, when there is one, wins.
 * The vision tower: ``Qwen3VLVisionAttention.forward`` is wrapped so that, for our name only, it
   makes ONE varlen call over ``cu_seqlens`` (one segment per image / video frame). transformers
   itself does that only for names it counts as flash ("flash_attention_2" on 4.57, any name with
@@ -67,7 +75,13 @@ _VISION_CLASSES = (
 
 @dataclass
 class _Plan:
-    """How one 4D mask maps onto our API (``kind`` is dense | kvcache | varlen | fallback)."""
+    """How one 4D mask (or a row of packed position ids) maps onto our API.
+
+    ``kind`` is dense | kvcache | varlen | segments | fallback. ``varlen``: the valid tokens
+    (``q_valid`` / ``k_valid``) gathered, ``cu_q`` / ``cu_k`` over them (one segment per row for
+    padding, several for packed rows with padding). ``segments``: every token valid, q and k
+    covering the same positions, ``cu_q`` / ``cu_k`` over the flattened (B * S) tokens (packed
+    rows: one segment per sample, causal inside each)."""
 
     kind: str
     cache_seqlens: Optional[torch.Tensor] = None  # kvcache: int32 (B,) end of each row's valid keys
@@ -129,7 +143,7 @@ def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
         rank_k = k_valid.cumsum(-1) - 1
         expect &= rank_k.unsqueeze(1) <= (rank_q + (nk - nq).unsqueeze(1)).unsqueeze(2)
     if not torch.equal(expect, m):
-        return _Plan("fallback")
+        return _analyse_segments(m, q_valid, k_valid, causal)
     B, Sq, Sk = m.shape
     if bool(q_valid.all()):
         if bool(k_valid.all()):
@@ -149,6 +163,135 @@ def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
     cu_k[1:] = nk.cumsum(0)
     return _Plan("varlen", q_valid=q_valid, k_valid=k_valid, cu_q=cu_q, cu_k=cu_k,
                  max_q=int(nq.max()), max_k=int(nk.max()))
+
+
+def _analyse_segments(m: torch.Tensor, q_valid: torch.Tensor, k_valid: torch.Tensor, causal: bool) -> _Plan:
+    """A (B, Sq, Sk) bool mask read as packed segments (block-diagonal, ``causal`` bottom-right
+    inside each block; padding rows/keys allowed), else the fallback plan.
+
+    Each valid query's segment starts at the first key it sees; those keys cut every row into
+    segments. The mask one varlen call over those segments would apply is rebuilt and compared
+    with ``m`` exactly, so any other pattern (sliding windows, bidirectional blocks, segments
+    that interleave) keeps the exact fallback. What transformers builds for packed rows without
+    a cache (``packed_sequence_mask_function``, 4.57 and 5.x) is such a mask."""
+    B, Sq, Sk = m.shape
+    dev = m.device
+    first = torch.where(m, torch.arange(Sk, device=dev), Sk).amin(-1)  # (B, Sq); Sk: sees nothing
+    starts = torch.zeros(B, Sk + 1, dtype=torch.bool, device=dev)
+    starts.scatter_(1, first, True)
+    seg_k = starts[:, :Sk].long().cumsum(-1) - 1  # (B, Sk): the segment each key falls in
+    seg_q = seg_k.gather(1, first.clamp_max(Sk - 1))  # (B, Sq): the segment of each query's first key
+    n_seg = starts[:, :Sk].sum(-1)
+    offset = (n_seg.cumsum(0) - n_seg).unsqueeze(1)  # segments numbered across the batch, row-major
+    gq, gk = (seg_q + offset)[q_valid], (seg_k + offset)[k_valid]  # valid tokens, in row-major order
+    if gq.numel() == 0 or bool((gq[1:] < gq[:-1]).any()):  # varlen needs the segments in order
+        return _Plan("fallback")
+    n = int(n_seg.sum())
+    cnt_q = torch.bincount(gq, minlength=n)
+    cnt_k = torch.bincount(gk, minlength=n)
+    cu_q = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+    cu_k = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+    cu_q[1:] = cnt_q.cumsum(0)
+    cu_k[1:] = cnt_k.cumsum(0)
+    expect = (seg_q.unsqueeze(2) == seg_k.unsqueeze(1)) & q_valid.unsqueeze(2) & k_valid.unsqueeze(1)
+    if causal:  # bottom-right inside each segment, by rank among its valid tokens
+        rank_q = torch.zeros(B, Sq, dtype=torch.long, device=dev)
+        rank_k = torch.zeros(B, Sk, dtype=torch.long, device=dev)
+        rank_q[q_valid] = torch.arange(gq.numel(), device=dev) - cu_q[gq].long()
+        rank_k[k_valid] = torch.arange(gk.numel(), device=dev) - cu_k[gk].long()
+        g = (seg_q + offset).clamp(0, max(n - 1, 0))
+        shift = (cnt_k - cnt_q)[g]  # (B, Sq)
+        expect &= rank_k.unsqueeze(1) <= (rank_q + shift).unsqueeze(2)
+    if not torch.equal(expect, m):
+        return _Plan("fallback")
+    max_q, max_k = int(cnt_q.max()), int(cnt_k.max())
+    if Sq == Sk and bool(q_valid.all()) and bool(k_valid.all()):
+        return _Plan("segments", cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k)
+    return _Plan("varlen", q_valid=q_valid, k_valid=k_valid, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k)
+
+
+_pos_cache: dict = {}  # (id(position_ids), B, S) -> (weakref, _version, plan or None)
+
+
+def _segments_from_positions(pos: torch.Tensor) -> Optional[_Plan]:
+    """Packed rows read off text position ids (B, S), on the host; None when nothing is packed.
+
+    A new segment starts wherever a position is not the previous one + 1 (transformers' own rule,
+    ``find_packed_sequence_indices``), and only where the ids *restart*: back to the row's first
+    id, or below the previous one. Rows with any other step (a repeat or a jump up: MRoPE rows,
+    which 4.57.6 hands to attention as ``position_ids[0]`` when it gets 3-row ids) are not read as
+    packed at all; neither is a batch where one such row occurs."""
+    p = pos.detach().to("cpu", torch.long)  # one device-to-host copy per forward (cached by caller)
+    B, S = p.shape
+    if S < 2:
+        return None
+    prev, cur = p[:, :-1], p[:, 1:]
+    cut = cur != prev + 1
+    restart = (cur == p[:, :1]) | (cur < prev)
+    if not bool(cut.any()) or not bool((restart | ~cut).all()):
+        return None
+    starts = torch.ones(B, S, dtype=torch.bool)
+    starts[:, 1:] = cut
+    begin = starts.flatten().nonzero().flatten()  # segment starts in the flattened (B * S) row
+    lens = torch.diff(begin, append=torch.tensor([B * S]))
+    cu = torch.zeros(begin.numel() + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    cu = cu.to(pos.device)
+    return _Plan("segments", cu_q=cu, cu_k=cu, max_q=int(lens.max()), max_k=int(lens.max()))
+
+
+@torch.compiler.disable
+def _position_plan(position_ids, B: int, S: int) -> Optional[_Plan]:
+    """The packed-segments plan for a prefill-like call (q and k over the same S positions) from
+    the text position ids transformers passes to attention, or None (not packed / not readable).
+
+    transformers passes the text row as ``position_ids`` (B, S) (4.57.6: ``position_ids[0]`` of
+    the 3- or 4-row ids it got, a (B, S) collator row expanded; 5.x: row 0 of 4-row ids, None for
+    3-row MRoPE-only ids). Read once per forward (every layer gets the same tensor object): one
+    device-to-host copy of the ids, on prefill-like calls only (never on decode: q_len < kv_len)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
+        return None
+    pos = position_ids
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    if pos.dim() != 2 or pos.shape[-1] != S or pos.shape[0] not in (1, B):
+        return None
+    if pos.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    key = (id(position_ids), B, S)
+    hit = _pos_cache.get(key)
+    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
+        return hit[2]
+    plan = _segments_from_positions(pos.expand(B, S))
+    if len(_pos_cache) > 64:
+        _pos_cache.clear()
+    try:
+        _pos_cache[key] = (weakref.ref(position_ids), position_ids._version, plan)
+    except TypeError:  # a tensor subclass without weak references: no caching
+        pass
+    return plan
+
+
+def _segments_attention(qt, kt, vt, plan: _Plan, scale: float, causal: bool):
+    """One varlen call over packed rows; qt/kt/vt (B, S, H|Hkv, D) views -> (B, S, H, D)."""
+    B, S, H, D = qt.shape
+    if B == 1:
+        q, k, v = qt[0], kt[0], vt[0]  # views, no copy
+    else:
+        q, k, v = qt.reshape(B * S, H, D), kt.reshape(B * S, *kt.shape[2:]), vt.reshape(B * S, *vt.shape[2:])
+    out = flash_attn_varlen_func(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
+                                 softmax_scale=scale, causal=causal)
+    return out.view(B, S, H, D)
+
+
+def _plan_mask(plan: _Plan, B: int, S: int, causal: bool) -> torch.Tensor:
+    """(B, 1, S, S) bool mask of a segments plan (for the eager path)."""
+    cu = plan.cu_q.long()
+    seg = torch.arange(cu.numel() - 1, device=cu.device).repeat_interleave(cu[1:] - cu[:-1]).view(B, S)
+    mask = seg.unsqueeze(2) == seg.unsqueeze(1)
+    if causal:
+        mask &= torch.ones(S, S, dtype=torch.bool, device=cu.device).tril()
+    return mask.unsqueeze(1)
 
 
 @torch.compiler.disable  # host-side analysis: a graph break under torch.compile, never a recompile
@@ -244,14 +387,20 @@ def _compiled_decode(q, k, v, mask, scale: float):
     return out
 
 
-def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = None, cp_group=None):
+def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = None, cp_group=None,
+           position_ids: Optional[torch.Tensor] = None):
     """Exact attention for transformers-layout tensors, honouring a transformers mask.
 
     Args:
         q: (B, H, Sq, D); k, v: (B, Hkv, Sk, D) (GQA: not repeated).
         mask: None (every key valid; ``causal`` aligned bottom-right) or a 4D mask (B, 1|H, Sq, Sk')
-            with Sk' >= Sk, bool (True = attend) or additive float (0 / very negative).
+            with Sk' >= Sk, bool (True = attend) or additive float (0 / very negative). A
+            block-diagonal (packed rows) mask runs as one varlen call over its segments.
         cp_group: a process group for context parallelism (self-attention without mask only).
+        position_ids: the text position ids (B, S) or (1, S). Read only when ``mask`` is None
+            and q and k cover the same positions (Sq == Sk > 1; not under torch.compile): ids
+            that restart (packed rows, e.g. ``DataCollatorWithFlattening``) are segments that
+            never see each other. A mask, when given, wins over them.
 
     Returns:
         (B, Sq, H, D), contiguous. Query rows that see no key (padding) are 0.
@@ -268,15 +417,21 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
         if Sq <= DECODE_MAX_QUERIES and causal and not needs_grad(q, k, v) and _decode_op_serves(q, k):
             return _compiled_decode(q, k, v, mask, scale)
         return _sdpa_with_mask(q, k, v, mask, scale)
-    plan = _Plan("dense") if mask is None else _plan_for(mask, causal, Sk)
+    plan = None
+    if mask is not None:
+        plan = _plan_for(mask, causal, Sk)
+    elif position_ids is not None and Sq == Sk > 1 and not torch.compiler.is_compiling():
+        plan = _position_plan(position_ids, B, Sq)  # prefill-like only: never a sync on decode
+    if plan is None:
+        plan = _Plan("dense")
     if cp_group is not None and (plan.kind != "dense" or Sq != Sk):
-        # each rank holds a shard: a padded batch or a KV cache would silently attend to the
-        # local shard only, so refuse instead of returning wrong attention
+        # each rank holds a shard: a padded batch, packed rows or a KV cache would silently
+        # attend to the local shard only, so refuse instead of returning wrong attention
+        what = {"dense": "a KV cache", "segments": "packed sequences"}.get(plan.kind, "a padding/custom mask")
         raise ValueError(
             "context parallelism (qf.enable(model, context_parallel=group)) serves unpadded self-attention "
-            "over sharded sequences only; this call has "
-            f"{'a padding/custom mask' if plan.kind != 'dense' else 'a KV cache'} "
-            f"(q_len={Sq}, kv_len={Sk}). Run it without padding and with use_cache=False, or call "
+            f"over sharded sequences only; this call has {what} "
+            f"(q_len={Sq}, kv_len={Sk}). Run it without padding or packing and with use_cache=False, or call "
             "qf.enable(model, context_parallel=None) first"
         )
     if plan.kind == "dense":
@@ -292,6 +447,8 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
         else:
             out = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=causal)
         return out.contiguous()
+    if plan.kind == "segments":
+        return _segments_attention(qt, kt, vt, plan, scale, causal)
     grad = needs_grad(q, k, v)
     if plan.kind == "kvcache" and not grad:
         # the lengths come from our own reading of the mask: no second device sync to check them
@@ -371,8 +528,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """The function registered with transformers' ``AttentionInterface``.
 
     query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> (out (B, Sq, H, D), weights or None).
-    Varlen calls (``cu_seq_lens_q``/``cu_seq_lens_k`` in kwargs, B == 1: the vision tower and
-    packed sequences) become one :func:`flash_attn_varlen_func` call."""
+    Varlen calls (``cu_seq_lens_q``/``cu_seq_lens_k`` in kwargs, B == 1, no mask: the vision
+    tower and packed sequences) become one :func:`flash_attn_varlen_func` call; so do packed rows
+    described by restarting text ``position_ids`` (no mask) or by a block-diagonal mask (see
+    :func:`attend`)."""
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     training = bool(getattr(module, "training", False))
@@ -385,6 +544,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if cu_q is not None and mask is None:  # packed segments never see each other
             mask = _segment_mask(cu_q, kwargs.get("cu_seq_lens_k", cu_q), causal)
             causal = False
+        elif mask is None and query.shape[2] == key.shape[2] > 1 and not torch.compiler.is_compiling():
+            plan = _position_plan(kwargs.get("position_ids"), query.shape[0], query.shape[2])
+            if plan is not None:
+                mask = _plan_mask(plan, query.shape[0], query.shape[2], causal)
+                causal = False
         return _eager(query, key, value, mask, causal, scale, dropout, training)
     if cu_q is not None and attention_mask is None and query.shape[0] == 1:
         cu_k = kwargs.get("cu_seq_lens_k", cu_q)
@@ -397,7 +561,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
         out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal)
         return out.unsqueeze(0), None
-    out = attend(query, key, value, attention_mask, causal, scale, cp_group=getattr(module, _CP_ATTR, None))
+    out = attend(query, key, value, attention_mask, causal, scale, cp_group=getattr(module, _CP_ATTR, None),
+                 position_ids=kwargs.get("position_ids"))
     return out, None
 
 
