@@ -12,4 +12,4 @@ if ! PYTHONPATH="$TARGET" python -c "import transformers, sys; sys.exit(transfor
 fi
 PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" python -c "import transformers; print('transformers', transformers.__version__, transformers.__file__)"
 PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" python -m pytest \
-    tests/test_transformers_integration.py tests/test_seed_classes.py tests/test_packing.py "$@"
+    tests/test_transformers_integration.py tests/test_seed_classes.py tests/test_packing.py tests/test_packing_collator.py "$@"

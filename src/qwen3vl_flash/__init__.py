@@ -26,6 +26,7 @@ _LAZY = {
     "HardwareSpecificFlashAttention2": "integrations.qwen3_vl",
     "FlashAttention2TransformerLayer": "integrations.qwen3_vl",
     "create_flash_attention_2": "integrations.qwen3_vl",
+    "PackingCollator": "integrations.packing",
 }
 
 __all__ = [

@@ -645,7 +645,10 @@ def _wrap_vision_forward(cls) -> None:
         ):
             return original(self, hidden_states, cu_seqlens, *args, **kwargs)
         kwargs = dict(kwargs)
-        for name in ("position_embeddings", "rotary_pos_emb", "max_seqlen"):
+        # the text row's packing kwargs (5.x forwards the model's kwargs into the vision tower) are
+        # not the vision segments: those come from cu_seqlens
+        for name in ("position_embeddings", "rotary_pos_emb", "max_seqlen", "cu_seq_lens_q", "cu_seq_lens_k",
+                     "max_length_q", "max_length_k"):
             kwargs.pop(name, None)
         S = hidden_states.shape[0]
         q, k, v = self.qkv(hidden_states).reshape(S, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
