@@ -13,11 +13,18 @@ GQA: the ``g = H // Hkv`` query heads sharing a KV head are folded into the quer
 (``(B, Sq, H, D) -> (B*Hkv, Sq*g, D)``, row ``r`` is query ``r // g``), so each K/V tile is
 multiplied once per group and never repeated in memory.
 
-Numerics (as FA2): matmuls run in the input dtype (fp32 accumulation inside the BLAS), P is
-cast to the input dtype for P @ V, accumulators are float32 (float64 for float64 inputs). The
-softmax scale is folded into Q once. For float32 inputs the lse is kept in float64 between
-forward and backward (returned to users as float32), so recomputing P = exp(S - lse) stays
-accurate when the logits are large.
+Numerics (as FA2): every matmul returns its result in the accumulator dtype, float32 (float64 for
+float64 inputs): the scores S, the partial P V of each key tile, and in the backward dP and each
+tile's partial dQ / dK / dV, which are summed in float32 and rounded to the input dtype once, at
+the end. The softmax scale is applied in float32 (folded into an fp32 Q, or into S). A 16-bit
+matmul with an fp32 result is used where torch has one for the device (``bmm(..., out_dtype=)``,
+probed once per device type and dtype; P and dS are then rounded to the input dtype for their
+matmuls, as FA2 does); elsewhere (the CPU in torch 2.13) the 16-bit operands are upcast to
+float32 once per call (O(seq) copies of Q, K, V, dO) and the matmuls run in float32. Rounding S
+or a partial sum to bf16 instead is off by several bf16 steps (tests/FOUND_BUGS.md, the two
+``tiled`` precision entries). For float32 inputs the lse is kept in float64 between forward and
+backward (returned to users as float32), so recomputing P = exp(S - lse) stays accurate when the
+logits are large.
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ def _lse_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _fold(x: torch.Tensor, Hkv: int) -> torch.Tensor:
-    """(B, S, H, D) -> (B*Hkv, S*g, D): the g query heads of a KV head become consecutive rows."""
+def _fold(x: torch.Tensor, Hkv: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, S, H, D) -> (B*Hkv, S*g, D) in ``dtype`` (default x's), one copy: the g query heads
+    of a KV head become consecutive rows."""
     B, S, H, D = x.shape
     g = H // Hkv
-    return x.view(B, S, Hkv, g, D).permute(0, 2, 1, 3, 4).reshape(B * Hkv, S * g, D)
+    out = torch.empty(B, Hkv, S, g, D, dtype=dtype or x.dtype, device=x.device)
+    out.copy_(x.view(B, S, Hkv, g, D).permute(0, 2, 1, 3, 4))
+    return out.view(B * Hkv, S * g, D)
 
 
 def _unfold(x: torch.Tensor, B: int, S: int, H: int) -> torch.Tensor:
@@ -53,16 +63,48 @@ def _unfold(x: torch.Tensor, B: int, S: int, H: int) -> torch.Tensor:
     return x.view(B, Hkv, S, g, D).permute(0, 2, 1, 3, 4).reshape(B, S, H, D)
 
 
-def _kv_heads_first(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, Hkv, D) -> (B*Hkv, S, D) contiguous."""
+def _kv_heads_first(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, S, Hkv, D) -> (B*Hkv, S, D) contiguous, in ``dtype`` (default x's), one copy."""
     B, S, Hkv, D = x.shape
-    return x.transpose(1, 2).reshape(B * Hkv, S, D)
+    out = torch.empty(B, Hkv, S, D, dtype=dtype or x.dtype, device=x.device)
+    out.copy_(x.transpose(1, 2))
+    return out.view(B * Hkv, S, D)
 
 
-def _kv_transposed(x: torch.Tensor) -> torch.Tensor:
-    """(B, S, Hkv, D) -> (B*Hkv, D, S) contiguous: column slices feed the BLAS without a copy."""
+def _kv_transposed(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, S, Hkv, D) -> (B*Hkv, D, S) contiguous in ``dtype``: column slices feed the BLAS without a copy."""
     B, S, Hkv, D = x.shape
-    return x.permute(0, 2, 3, 1).reshape(B * Hkv, D, S)
+    out = torch.empty(B, Hkv, D, S, dtype=dtype or x.dtype, device=x.device)
+    out.copy_(x.permute(0, 2, 3, 1))
+    return out.view(B * Hkv, D, S)
+
+
+# (device type, dtype) -> whether torch.bmm(a, b, out_dtype=float32) works there for 16-bit a, b
+_FP32_OUT_BMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _operand_dtype(x: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """The dtype the matmul operands are kept in: the input dtype where a matmul of it can return
+    ``acc`` (float32/float64 inputs; 16-bit ones where torch has ``bmm(..., out_dtype=)`` for the
+    device, e.g. CUDA), else ``acc`` (upcast: the CPU in torch 2.13 has no such matmul)."""
+    if x.dtype == acc:
+        return acc
+    key = (x.device.type, x.dtype)
+    ok = _FP32_OUT_BMM.get(key)
+    if ok is None:
+        try:
+            a = torch.full((1, 2, 2), 1.5, dtype=x.dtype, device=x.device)
+            r = torch.bmm(a, a, out_dtype=acc)
+            ok = r.dtype == acc and bool((r == 4.5).all())
+        except (RuntimeError, NotImplementedError, TypeError):
+            ok = False
+        _FP32_OUT_BMM[key] = ok
+    return x.dtype if ok else acc
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b (batched) with an ``acc`` result: never rounded to a 16-bit dtype."""
+    return torch.bmm(a, b) if a.dtype == acc else torch.bmm(a, b, out_dtype=acc)
 
 
 class _Tiling:
@@ -119,12 +161,15 @@ class _Tiling:
         return hit
 
 
-def _scores(qb: torch.Tensor, kTb: torch.Tensor, acc: torch.dtype, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Scores (BH, rows, cols) = qb @ kTb in the accumulator dtype, masked entries -inf."""
-    s = torch.bmm(qb, kTb)
-    if bias is not None:
-        s.add_(bias)
-    return s if s.dtype == acc else s.to(acc)
+def _prepare_q(q: torch.Tensor, Hkv: int, scale: float, acc: torch.dtype):
+    """Folded Q in the operand dtype, and the factor the scores still need: the softmax scale is
+    applied in ``acc`` precision, folded into Q when Q is kept in ``acc`` (never into a 16-bit Q,
+    whose rounding of q * scale would shift every score)."""
+    op = _operand_dtype(q, acc)
+    qf = _fold(q, Hkv, op)
+    if op == acc:
+        return qf.mul_(scale), None
+    return qf, scale
 
 
 def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, block_n: int):
@@ -135,26 +180,29 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
     are merged by lse into a float32 accumulator (float64 for float64) with
     :func:`qwen3vl_flash.conventions.merge_lse_`, the merge context parallelism uses across
     devices. The tile's row sum comes for free: the largest softmax entry of a row is
-    exp(0) / l = 1 / l.
+    exp(0) / l = 1 / l. S, P and P_t V_t are all in the accumulator dtype (module docstring).
     """
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     g = H // Hkv
     acc_t = lse_dtype(q.dtype)
     lse_t_dtype = _lse_compute_dtype(q.dtype)
-    qf = _fold(q * scale, Hkv)  # (BH, R, D), softmax scale folded in once
-    kT, vh = _kv_transposed(k), _kv_heads_first(v)
+    qf, s_scale = _prepare_q(q, Hkv, scale, acc_t)  # (BH, R, D)
+    op_t = qf.dtype
+    kT, vh = _kv_transposed(k, op_t), _kv_heads_first(v, op_t)
     BH, R = qf.shape[0], qf.shape[1]
     out = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
     lse_rows = torch.empty(BH, R, dtype=lse_t_dtype, device=q.device)
-    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device, q.dtype)
+    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device, acc_t)
     ninf = float("-inf")
     for r0 in range(0, R, block_m):
         r1 = min(r0 + block_m, R)
         qb = qf[:, r0:r1]
         acc = lse = None
         for c0, c1, bias, empty in tiling.tiles(r0, r1):
-            s = torch.bmm(qb, kT[:, :, c0:c1])  # (BH, rows, cols), input dtype
+            s = _mm(qb, kT[:, :, c0:c1], acc_t)  # (BH, rows, cols), fp32 (fp64)
+            if s_scale is not None:
+                s.mul_(s_scale)
             if bias is not None:
                 s.add_(bias)
             m_t = s.amax(-1).to(lse_t_dtype)
@@ -164,9 +212,9 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
             if empty is not None:  # rows that see none of this tile's keys: P = 0, lse_t = -inf
                 p[:, empty] = 0
                 lse_t[:, empty] = ninf
-            pv = torch.bmm(p, vh[:, c0:c1])
+            pv = _mm(p.to(op_t), vh[:, c0:c1], acc_t)  # P rounded to a 16-bit op_t only (FA2)
             if acc is None:
-                acc, lse = pv.to(acc_t), lse_t
+                acc, lse = pv, lse_t
             else:
                 merge_lse_(acc, lse, pv, lse_t)
         if acc is None:  # this row tile sees no key at all
@@ -180,15 +228,22 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
 
 
 def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, block_m: int, block_n: int):
-    """FA2 backward: recompute P = exp(S - lse) per tile; returns dq, dk, dv in the input dtype."""
+    """FA2 backward: recompute P = exp(S - lse) per tile; returns dq, dk, dv in the input dtype.
+
+    S, dP = dO V^T and dS = P (dP - D) are float32 (float64 for float64); every tile's partial
+    dQ / dK / dV is a float32 matmul result summed into float32 accumulators, rounded to the
+    input dtype once at the end (rounding each partial to bf16 first is off by several bf16 steps
+    when many row tiles add into one dV row: tests/FOUND_BUGS.md)."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     g = H // Hkv
     acc_t = lse_dtype(q.dtype)
-    qf = _fold(q * scale, Hkv)  # the forward's exact scores are recomputed from the same product
-    dof = _fold(dout, Hkv)
+    # the forward's scores are recomputed from the same operands and the same scaling
+    qf, s_scale = _prepare_q(q, Hkv, scale, acc_t)
+    op_t = qf.dtype
+    dof = _fold(dout, Hkv, op_t)
     # D_i = rowsum(dO * O): the softmax-Jacobian term, one number per query row
-    delta = (dof.to(acc_t) * _fold(out, Hkv).to(acc_t)).sum(-1)
+    delta = (_fold(dout, Hkv, acc_t) if op_t != acc_t else dof).mul(_fold(out, Hkv, acc_t)).sum(-1)
     # lse per folded row; rows that saw nothing get +inf so P = 0 there. A float64 lse for float32
     # inputs is split into hi + lo float32 parts: S - hi is exact near the row max (Sterbenz), so
     # P = exp(S - hi - lo) keeps float32 accuracy even when |lse| is large.
@@ -198,41 +253,47 @@ def _backward_core(dout, q, k, v, out, lse, scale: float, causal: bool, window, 
     lse_lo = None
     if lse_rows.dtype != acc_t:
         lse_lo = torch.where(torch.isinf(lse_rows), 0.0, lse_rows - lse_hi.to(lse_rows.dtype)).to(acc_t)
-    kh, kT = _kv_heads_first(k), _kv_transposed(k)
+    kh, kT = _kv_heads_first(k, op_t), _kv_transposed(k, op_t)
     # dP = dO V^T in the accumulator dtype (as FA2 keeps it in fp32 registers): rounded to bf16 it
     # would lose everything in dS = P (dP - D) where dP ~ D (one visible key: dS = 0 exactly)
-    vT = _kv_transposed(v).to(acc_t)
+    vT = _kv_transposed(v, op_t)
     BH, R = qf.shape[0], qf.shape[1]
     dq = torch.empty(BH, R, D, dtype=q.dtype, device=q.device)
     dk = torch.zeros(BH, Sk, D, dtype=acc_t, device=q.device)
     dv = torch.zeros(BH, Sk, D, dtype=acc_t, device=q.device)
-    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device, q.dtype)
-    lowp = q.dtype != acc_t
+    tiling = _Tiling(Sq, Sk, g, causal, window, block_n, q.device, acc_t)
+    native = op_t == acc_t  # operands in the accumulator dtype: accumulate in place (baddbmm_)
     for r0 in range(0, R, block_m):
         r1 = min(r0 + block_m, R)
         qb, dob = qf[:, r0:r1], dof[:, r0:r1]
-        dob_acc = dob.to(acc_t)
         dq_b = torch.zeros(BH, r1 - r0, D, dtype=acc_t, device=q.device)
         hi_b, delta_b = lse_hi[:, r0:r1].unsqueeze(-1), delta[:, r0:r1].unsqueeze(-1)
         lo_b = lse_lo[:, r0:r1].unsqueeze(-1) if lse_lo is not None else None
         for c0, c1, bias, _ in tiling.tiles(r0, r1):
             kb = kh[:, c0:c1]
-            p = _scores(qb, kT[:, :, c0:c1], acc_t, bias).sub_(hi_b)  # (BH, rows, cols)
+            p = _mm(qb, kT[:, :, c0:c1], acc_t)  # (BH, rows, cols)
+            if s_scale is not None:
+                p.mul_(s_scale)
+            if bias is not None:
+                p.add_(bias)
+            p.sub_(hi_b)
             if lo_b is not None:
                 p.sub_(lo_b)
             p.exp_()
-            dp = torch.bmm(dob_acc, vT[:, :, c0:c1])
+            dp = _mm(dob, vT[:, :, c0:c1], acc_t)
             ds = dp.sub_(delta_b).mul_(p)  # dS = P * (dP - D)
-            if lowp:
-                p, ds = p.to(q.dtype), ds.to(q.dtype)
-                dv[:, c0:c1] += torch.bmm(p.transpose(1, 2), dob)
-                dq_b += torch.bmm(ds, kb)
-                dk[:, c0:c1] += torch.bmm(ds.transpose(1, 2), qb)
-            else:
+            if native:
                 dv[:, c0:c1].baddbmm_(p.transpose(1, 2), dob)
                 dq_b.baddbmm_(ds, kb)
                 dk[:, c0:c1].baddbmm_(ds.transpose(1, 2), qb)
-        dq[:, r0:r1] = (dq_b * scale).to(q.dtype)
+            else:  # 16-bit operands with fp32 results: P and dS rounded for the matmuls (FA2)
+                p, ds = p.to(op_t), ds.to(op_t)
+                dv[:, c0:c1] += _mm(p.transpose(1, 2), dob, acc_t)
+                dq_b += _mm(ds, kb, acc_t)
+                dk[:, c0:c1] += _mm(ds.transpose(1, 2), qb, acc_t)
+        dq[:, r0:r1] = dq_b.mul_(scale)
+    if s_scale is not None:  # Q was not scaled: dK = scale * dS^T Q
+        dk.mul_(s_scale)
     dk = dk.view(B, Hkv, Sk, D).transpose(1, 2).to(k.dtype)
     dv = dv.view(B, Hkv, Sk, D).transpose(1, 2).to(v.dtype)
     return _unfold(dq, B, Sq, H), dk, dv
