@@ -10,7 +10,9 @@ reference computed in the input dtype (``upcast=False``): "PyTorch's own low-pre
 ``factor`` is 2 for outputs and lse, 3 for gradients. ``atol`` is flash-attn's own slack for 16-bit
 results, twice the rounding error at the output's magnitude (``2 * max|(r + 0.3 - 0.3) - r|`` with
 ``r`` the reference rounded to the result's dtype, :func:`rounding_slack`); float32/float64 results get
-one ulp of their largest value plus :data:`ATOL`. Every test file uses this one rule.
+one ulp of their largest value plus :data:`ATOL`. Every test file uses this one rule; it lives in
+:mod:`qwen3vl_flash.testing.rule` (shared with the fuzzer, :mod:`qwen3vl_flash.testing.fuzz`) and is
+re-exported here under the same names.
 
 Seeds: every test draws fresh inputs from a seed derived from its node id and ``$QWEN3VL_TEST_SEED``
 (printed, so a failure shows how to reproduce it). Triton outputs are poisoned with NaN before the
@@ -36,19 +38,22 @@ import pytest
 import torch
 
 from qwen3vl_flash.backends.base import AttnRequest, get_backend
-from qwen3vl_flash.reference import attention_ref, attention_ref_varlen
+from qwen3vl_flash.testing.rule import (  # noqa: F401  (the one rule, re-exported for the test files)
+    ATOL,
+    GRAD_ATOL,
+    LOW_PRECISION,
+    LSE_ATOL,
+    RuleViolation,
+    _leaf,
+    _maxabs,
+    assert_close_to_ref,
+    atol_for,
+    check_against_reference,
+    reference_triplet,
+    rounding_slack,
+)
 
 BACKENDS = ["tiled", "sdpa", "eager", "auto"]
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-# small absolute slack on top of the 2x/3x rule for float32/float64 results (16-bit results get
-# flash-attn's rounding slack instead, see rounding_slack)
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0.0, torch.float16: 0.0}
-# lse (float32 whatever the input dtype): its error follows the scores' precision, i.e. the input
-# dtype, not the float32 it is stored in; this slack is ten times the 16-bit output atol it had
-LSE_ATOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-# gradients: where the reference's own low-precision error is exactly 0 (e.g. one visible key, so
-# P = 1 and dq = 0), the floor must cover one rounding of delta = rowsum(dO * O) ~ eps * sqrt(D)
-GRAD_ATOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,56 +140,6 @@ def backend_dtype_params():
 
 
 # --------------------------------------------------------------------------------------------
-# the comparison rule
-# --------------------------------------------------------------------------------------------
-
-
-def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
-
-
-def rounding_slack(ref: torch.Tensor, dtype: torch.dtype) -> float:
-    """flash-attn's atol for a result of ``dtype`` near ``ref``: for 16-bit dtypes twice the
-    rounding error at the output's magnitude (``2 * max|(r + 0.3 - 0.3) - r|``, ``r`` = ref in
-    ``dtype``); for float32/float64 one ulp of the largest value (the reference's own error can be
-    exactly 0 in degenerate cases, one visible key: P = 1, where a correct kernel still rounds once)."""
-    fin = ref[torch.isfinite(ref)]
-    if fin.numel() == 0:
-        return 0.0
-    if dtype in LOW_PRECISION:
-        r = fin.to(dtype)
-        return 2.0 * (r + 0.3 - 0.3 - r).abs().max().item()
-    return torch.finfo(dtype).eps * fin.abs().max().item()
-
-
-def assert_close_to_ref(out, ref, lowprec, factor: float = 2.0, atol: float = 0.0, name: str = "out") -> None:
-    """``max|out - ref| <= factor * max|lowprec - ref| + rounding_slack + atol``; -inf entries (lse
-    of rows that see no key) must sit in the same places in all three, and ``out`` must have no NaN."""
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    assert not torch.isnan(out).any(), f"{name}: NaN in output"
-    assert not torch.isnan(ref).any(), f"{name}: NaN in the reference (test bug)"
-    ninf_out, ninf_ref = torch.isneginf(out), torch.isneginf(ref)
-    assert torch.equal(ninf_out, ninf_ref), (
-        f"{name}: -inf at {ninf_out.sum().item()} places, reference at {ninf_ref.sum().item()}"
-    )
-    assert not torch.isposinf(out).any(), f"{name}: +inf in output"
-    fin = ~ninf_ref
-    o, r, lo = out[fin], ref[fin], lowprec[fin]
-    err, base = _maxabs(o, r), _maxabs(lo, r)
-    slack = rounding_slack(r, out.dtype)
-    assert err <= factor * base + slack + atol, (
-        f"{name}: max|out - ref| = {err:.3e} > {factor} * max|lowprec - ref| ({base:.3e}) + rounding "
-        f"slack {slack:.1e} + atol {atol:.0e}"
-    )
-
-
-def atol_for(dtype: torch.dtype, scale: float = 1.0) -> float:
-    return ATOL[dtype] * scale
-
-
-# --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
 
@@ -208,47 +163,6 @@ def cu_seqlens(lengths: Sequence[int]) -> torch.Tensor:
     for n in lengths:
         cu.append(cu[-1] + n)
     return torch.tensor(cu, dtype=torch.int32)
-
-
-def _leaf(x: torch.Tensor, dtype) -> torch.Tensor:
-    return x.detach().to(dtype).requires_grad_(True)
-
-
-def reference_triplet(q, k, v, dout=None, varlen: tuple[torch.Tensor, torch.Tensor] | None = None, **kw):
-    """(ref, lowprec) results of the shipped reference for inputs q, k, v.
-
-    ref is computed in float64; lowprec in the input dtype without upcasting. Each result is a
-    dict with ``out``, ``lse`` and, when ``dout`` is given, ``dq``, ``dk``, ``dv``.
-    """
-    res = []
-    for dtype, upcast in ((torch.float64, True), (q.dtype, False)):
-        ql, kl, vl = _leaf(q, dtype), _leaf(k, dtype), _leaf(v, dtype)
-        if varlen is None:
-            out, lse = attention_ref(ql, kl, vl, upcast=upcast, return_lse=True, **kw)
-        else:
-            out, lse = attention_ref_varlen(ql, kl, vl, varlen[0], varlen[1], upcast=upcast, return_lse=True, **kw)
-        r = {"out": out.detach(), "lse": lse.detach()}
-        if dout is not None:
-            dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), dout.to(dtype))
-            r.update(dq=dq, dk=dk, dv=dv)
-        res.append(r)
-    return res[0], res[1]
-
-
-def check_against_reference(out, lse, grads, ref, low, dtype, what: str = "") -> None:
-    """Apply the 2x rule to out/lse and the 3x rule to (dq, dk, dv) (any of them may be None)."""
-    atol = atol_for(dtype)
-    assert out.dtype == dtype, f"{what}out dtype {out.dtype} != input dtype {dtype}"
-    assert_close_to_ref(out, ref["out"], low["out"], 2.0, atol, f"{what}out")
-    if lse is not None:
-        expect = torch.float64 if dtype == torch.float64 else torch.float32
-        assert lse.dtype == expect, f"{what}lse dtype {lse.dtype} != {expect}"
-        assert_close_to_ref(lse, ref["lse"], low["lse"], 2.0, LSE_ATOL[dtype], f"{what}lse")
-    if grads is not None:
-        for g, n in zip(grads, ("dq", "dk", "dv")):
-            assert g is not None, f"{what}{n} is None: no gradient flowed"
-            assert g.dtype == dtype, f"{what}{n} dtype {g.dtype} != {dtype}"
-            assert_close_to_ref(g, ref[n], low[n], 3.0, GRAD_ATOL[dtype], f"{what}{n}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,3 +13,4 @@ fi
 PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" python -c "import transformers; print('transformers', transformers.__version__, transformers.__file__)"
 PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" python -m pytest \
     tests/test_transformers_integration.py tests/test_seed_classes.py tests/test_packing.py tests/test_packing_collator.py "$@"
+PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests/test_quant_kvcache.py -k "generate or refusals" "$@"  # qf.QuantizedStaticCache

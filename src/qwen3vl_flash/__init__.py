@@ -11,7 +11,9 @@ imported on first use, so the kernels work without transformers installed.
 from .backends.base import _ensure_loaded, available_backends
 from .hardware.detect import HardwareInfo, detect_hardware
 from .hardware.profiles import PROFILES, TileProfile, select_profile
+from .hardware.workspace import set_workspace_limit
 from .interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .monitor import monitor  # the function shadows the submodule's attribute (use `from .monitor import ...`)
 
 __version__ = "0.1.0"
 
@@ -27,14 +29,18 @@ _LAZY = {
     "FlashAttention2TransformerLayer": "integrations.qwen3_vl",
     "create_flash_attention_2": "integrations.qwen3_vl",
     "PackingCollator": "integrations.packing",
+    "QuantizedStaticCache": "integrations.quant_cache",
+    "tune": "hardware.tuning",
 }
 
 __all__ = [
     "flash_attn_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
+    "monitor",
     "detect_hardware",
     "select_profile",
+    "set_workspace_limit",
     "HardwareInfo",
     "TileProfile",
     "PROFILES",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -16,6 +17,10 @@ from .backends.base import AttnParams, AttnRequest, Backend, get_backend
 from .conventions import MAX_HEAD_DIM, needs_grad, warn_once
 from .hardware.profiles import TileProfile, profile_for_device
 from ._host import _HOST_VALUES, host_values  # noqa: F401  (re-exported)
+from .monitor import _ACTIVE as _MONITORS  # qf.monitor(): the hooks below test this list, nothing else
+from .monitor import auto_reasons as _auto_reasons
+from .monitor import begin_call as _begin_call
+from .monitor import kvcache_backend as _monitored_kvcache
 from .reference import lse_dtype
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "choose_backend"]
@@ -77,9 +82,13 @@ def _check_options(softmax_scale, causal, window_size, return_lse, backend) -> T
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto', got {type(backend).__name__}")
+    if backend != "auto":
+        get_backend(backend)  # an unknown name raises (ValueError naming it) even where no backend runs
     try:
         left, right = window_size
-        left, right = int(left), int(right)
+        if isinstance(left, bool) or isinstance(right, bool):
+            raise TypeError
+        left, right = operator.index(left), operator.index(right)  # ints only: int(1.5) or int("3") would pass
     except (TypeError, ValueError):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
     if left < -1 or right < -1:
@@ -105,6 +114,8 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_seqlen: int, 
         raise ValueError(f"{name} must have shape (N+1,) with N >= 1, got {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device ({device}), got {cu.device}")
+    if cu.stride(0) != 1:  # the Triton kernels read it as a plain array: a strided view reads wrong entries
+        raise ValueError(f"{name} must be contiguous (stride 1), got stride {cu.stride(0)}: pass {name}.contiguous()")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
         raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
@@ -200,6 +211,8 @@ def _run(be: Backend, q, k, v, p: AttnParams):
 
 
 def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int, seqlen_k: int):
+    # qf.monitor(): with no monitor active the cost is this one truth test (no clock read, no allocation)
+    call = _begin_call("flash_attn_varlen_func" if p.varlen else "flash_attn_func", q, k, v) if _MONITORS else None
     if need_lse:
         p = dataclasses.replace(p, need_lse=True)
     req = _request(q, k, p, need_lse, seqlen_q, seqlen_k, v)
@@ -207,13 +220,34 @@ def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int
     explicit = len(candidates) == 1 and (backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto")
     for i, be in enumerate(candidates):
         try:
-            return _run(be, q, k, v, p)
+            res = _run(be, q, k, v, p)
         except Exception as exc:  # auto: fall through to the next backend, once-logged
             if explicit or i == len(candidates) - 1:
                 raise
+            if call is not None:
+                call.failed(be.name, exc)
             warn_once((be.name, type(exc).__name__), "qwen3vl_flash: backend %r failed (%s: %s); falling back to %r",
                       be.name, type(exc).__name__, exc, candidates[i + 1].name)
+            continue
+        if call is not None:  # the skip reasons are worked out only now, and only while monitoring
+            reason = None if explicit else _auto_reasons(
+                req, p.profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k), be.name, call)
+            call.done(be.name, reason, getattr(p, "quant", None))
+        return res
     raise AssertionError("unreachable")
+
+
+def _execute_quant(q, k, v, p: AttnParams, backend: str, need_lse: bool, quant: str):
+    """A validated ``quant=`` call: the quantised paths of :func:`qwen3vl_flash.quant.quant_attention`
+    (Triton on CUDA where served, else the portable PyTorch path). Returns (out, lse | None)."""
+    from .quant import quant_attention_path
+
+    call = _begin_call("flash_attn_varlen_func" if p.varlen else "flash_attn_func", q, k, v) if _MONITORS else None
+    out, lse, path = quant_attention_path(q, k, v, quant, p.softmax_scale, p.causal, p.window_size, p.cu_seqlens_q,
+                                          p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, need_lse, backend)
+    if call is not None:
+        call.done(path, None, quant)
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +264,9 @@ def flash_attn_func(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     backend: str = "auto",
+    quant: Optional[str] = None,
 ):
-    """Exact attention, softmax(q k^T * scale) v, in O(seq) memory.
+    """Exact attention, softmax(q k^T * scale) v, in O(seq) memory (or quantised: ``quant``).
 
     Args:
         q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D), same dtype (fp16/bf16/fp32/fp64) and device.
@@ -256,14 +291,30 @@ def flash_attn_func(
             (float64 for float64 inputs). A row that sees no key gives output 0 and lse -inf.
         backend: "auto", "triton", "cudnn", "tiled", "sdpa" or "eager". ``$QWEN3VL_FLASH_BACKEND``
             overrides "auto". An explicit backend that cannot serve the call raises ValueError.
+            With ``quant``: "auto" (Triton's quant kernels on CUDA where they serve the call,
+            else the portable PyTorch path), "triton" or "tiled" (the portable path); any other
+            name raises ValueError.
+        quant: None (exact, default), "int8" or "fp8": quantised attention for inference
+            (docs/quantization.md; formats in :mod:`qwen3vl_flash.quant.quantize`). Q and K are
+            INT8 per token and head (scale max|x| / 127), K first smoothed by subtracting its
+            mean over the sequence per channel (softmax is unchanged by it); the scores are the
+            int32 dot product times both scales and softmax_scale, in fp32; online softmax in
+            fp32. "int8": P.V with P rounded to the input dtype and fp32 accumulation. "fp8": P
+            (as fp8(P * 448)) and V (one scale per channel) in FP8 e4m3, GPUs of compute
+            capability >= 8.9 only. Causal, windows, GQA and return_lse (the true lse, smoothing
+            undone) work as without it; the output has the input dtype. Forward only: not
+            differentiable.
 
     Returns:
-        out (B, Sq, H, D) [, lse]. Differentiable with respect to q, k and v.
+        out (B, Sq, H, D) [, lse]. Differentiable with respect to q, k and v (not with ``quant``).
 
     Raises:
         TypeError / ValueError naming the bad argument (rank, dtype, device, batch or length
         mismatch, H % Hkv != 0, head_dim outside 1..256 (``conventions.MAX_HEAD_DIM``), bad window or
-        options).
+        options). With ``quant``: ValueError naming ``quant`` for an unknown mode (listing the
+        valid ones), inputs that require grad (under grad mode), float32/float64 inputs (naming
+        the dtype), "fp8" on a device without FP8 tensor cores (naming the device), or a
+        ``backend`` without a quantised path.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 4, "(B, S, H, D)")
@@ -274,6 +325,10 @@ def flash_attn_func(
         raise ValueError(f"v must have k's sequence length ({k.shape[1]}), got {v.shape[1]}")
     _check_heads(q, k, v)
     window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
+    if quant is not None:  # imported here: no cost on the exact path
+        from .quant.quantize import check_quant
+
+        quant = check_quant(quant, q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = AttnParams(scale, causal, window, profile=profile_for_device(q.device))
     B, Sq, H, D = q.shape
@@ -281,7 +336,10 @@ def flash_attn_func(
         out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()  # keeps the graph
         lse = torch.full((B, H, Sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
-    out, lse = _execute(q, k, v, p, backend, return_lse, Sq, k.shape[1])
+    if quant is not None:
+        out, lse = _execute_quant(q, k, v, p, backend, return_lse, quant)
+    else:
+        out, lse = _execute(q, k, v, p, backend, return_lse, Sq, k.shape[1])
     return (out, lse) if return_lse else out
 
 
@@ -298,6 +356,7 @@ def flash_attn_varlen_func(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     backend: str = "auto",
+    quant: Optional[str] = None,
 ):
     """Attention over packed sequences of different lengths (no padding).
 
@@ -310,14 +369,20 @@ def flash_attn_varlen_func(
             applied per sequence (causal aligned bottom-right within each sequence: a sequence
             with more queries than keys has its first Sq_b - Sk_b rows see no key, output 0 and
             lse -inf, as drawn in :func:`flash_attn_func`).
+        quant: None, "int8" or "fp8", as in :func:`flash_attn_func` (forward only; the vision
+            tower's packed frames, hd 64/72). K's smoothing mean (and, for "fp8", V's
+            per-channel scale) is taken over all packed tokens; segments of equal lengths run as
+            one dense batch, which takes them per segment (each equally valid: a query sees the
+            keys of its own segment only).
 
     Returns:
-        out (Tq, H, D) [, lse (H, Tq)]. Differentiable with respect to q, k and v.
+        out (Tq, H, D) [, lse (H, Tq)]. Differentiable with respect to q, k and v (not with
+        ``quant``).
 
     Raises:
-        as :func:`flash_attn_func`, plus cu_seqlens that are not int32, not 1-D, of different
-        lengths, not starting at 0, decreasing, not ending at the token count, or longer than
-        max_seqlen (the value checks are skipped during CUDA-graph capture).
+        as :func:`flash_attn_func` (``quant`` included), plus cu_seqlens that are not int32,
+        not 1-D, of different lengths, not starting at 0, decreasing, not ending at the token
+        count, or longer than max_seqlen (the value checks are skipped during CUDA-graph capture).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, x, 3, "(total_tokens, H, D)")
@@ -333,6 +398,10 @@ def flash_attn_varlen_func(
             f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
             f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
         )
+    if quant is not None:
+        from .quant.quantize import check_quant
+
+        quant = check_quant(quant, q, k, v)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     p = AttnParams(
         scale,
@@ -350,7 +419,7 @@ def flash_attn_varlen_func(
         N, Lq, Lk = len(lens_q), lens_q[0], lens_k[0]
         res = flash_attn_func(
             q.view(N, Lq, *q.shape[1:]), k.view(N, Lk, *k.shape[1:]), v.view(N, Lk, *v.shape[1:]),
-            scale, causal, window, return_lse, backend,
+            scale, causal, window, return_lse, backend, quant=quant,
         )
         if not return_lse:
             return res.reshape(q.shape)
@@ -360,7 +429,10 @@ def flash_attn_varlen_func(
         out = q.new_zeros(q.shape) + 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
         return (out, lse) if return_lse else out
-    out, lse = _execute(q, k, v, p, backend, return_lse, max_seqlen_q, max_seqlen_k)
+    if quant is not None:
+        out, lse = _execute_quant(q, k, v, p, backend, return_lse, quant)
+    else:
+        out, lse = _execute(q, k, v, p, backend, return_lse, max_seqlen_q, max_seqlen_k)
     return (out, lse) if return_lse else out
 
 
@@ -379,14 +451,29 @@ def flash_attn_with_kvcache(
     block_table: Optional[torch.Tensor] = None,
     check_values: bool = True,
     cache_leftpad: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ):
     """Attention of new queries against a KV cache, appending new keys/values in place.
 
     Args:
         q: (B, Sq, H, D) new queries (Sq = 1 for plain decoding).
-        k_cache, v_cache: (B, Smax, Hkv, D) preallocated caches, q's dtype and device.
+        k_cache, v_cache: (B, Smax, Hkv, D) preallocated caches, q's dtype and device -- or
+            quantized: both ``torch.int8`` (or both ``torch.float8_e4m3fn``) with q (and k/v)
+            float16/bfloat16 and the scales below.
         k, v: optional (B, Snew, Hkv, D) new keys/values, written in place into the caches at rows
             cache_seqlens[b] .. cache_seqlens[b] + Snew - 1 of batch b. Nothing else is written.
+        k_scale, v_scale: float32 (B, Smax, Hkv) (paged: (num_pages, page_size, Hkv), one per
+            page slot), required with a quantized cache and refused with a float one: one scale
+            per token and kv head, the cache holding ``x ~= stored.float() * scale``. New k/v rows
+            are quantised on append (:func:`quantize_kv`: ``scale = max|x| / 127`` for int8,
+            ``/ 448`` for float8_e4m3fn, computed in fp32; int8 codes ``round_half_even(x / scale)``
+            clamped to +-127, fp8 codes ``(x / scale).to(float8_e4m3fn)``; an all-zero row gets
+            scale 1) and their scales written at exactly the appended rows. Attention reads the
+            dequantised history: the Triton decode kernel dequantises on load (codes -> q's
+            dtype, exact; scores and P scaled per key in fp32), the portable path dequantises the
+            visible rows to q's dtype and attends as for a float cache. FP8 caches take the
+            Triton kernel on GPUs of compute capability >= 8.9 (and under the interpreter).
         cache_seqlens: int32 (B,) tensor (or an int for all rows): valid cache length per batch
             *before* the append. None means the whole cache is valid (then k/v must be None).
         causal: bottom-right aligned over the L = cache_seqlens + Snew visible keys (default
@@ -409,43 +496,60 @@ def flash_attn_with_kvcache(
     Raises:
         as :func:`flash_attn_func`, plus a cache overflow (cache_seqlens + Snew > Smax, for a
         paged cache the block table's capacity), negative lengths, page indices outside the
-        cache, k without v, or shapes that do not match the cache; the cache is untouched then.
+        cache, k without v, or shapes that do not match the cache; with a quantized cache also
+        missing scales (or scales given for a float cache), scales that are not float32, not
+        of the expected shape or not on q's device (naming ``k_scale``/``v_scale`` and the
+        shape), and a q that is not float16/bfloat16. The caches (and scales) are untouched then.
     """
     cache_seqlens, block_table, window, snew, Smax = _check_kvcache_args(
         q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, backend, window_size, return_lse,
-        block_table, check_values, cache_leftpad,
+        block_table, check_values, cache_leftpad, k_scale, v_scale,
     )
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     res = _kvcache_fused(q, k_cache, v_cache, k, v, cache_seqlens, scale, causal, window, backend, return_lse,
-                         block_table, cache_leftpad, Smax)
+                         block_table, cache_leftpad, Smax, k_scale, v_scale)
     if res is not None:
         return res if return_lse else res[0]
     # the inner calls re-dispatch (auto keeps its fall-through)
     if block_table is not None:
         return _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal,
-                                       window, return_lse, backend)
+                                       window, return_lse, backend, k_scale, v_scale)
     return _contiguous_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, snew, scale, causal,
-                               window, return_lse, backend)
+                               window, return_lse, backend, k_scale, v_scale)
 
 
 # -- flash_attn_with_kvcache: argument checks (nothing is written before they all pass)
 
 
 def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, causal, backend, window_size,
-                        return_lse, block_table, check_values, cache_leftpad):
+                        return_lse, block_table, check_values, cache_leftpad, k_scale=None, v_scale=None):
     """Every check of :func:`flash_attn_with_kvcache`. Returns ``(cache_seqlens as an int32 (B,)
     tensor, block_table (unit stride along its pages) or None, window, Snew, Smax)``."""
     block_table, Smax = _check_cache(q, k_cache, v_cache, block_table)
+    _check_kv_scales(q, k_cache, k_scale, v_scale, block_table)
     _check_heads(q, k_cache, v_cache)
     window = _check_options(softmax_scale, causal, window_size, return_lse, backend)
     snew = _check_new_kv(q, k_cache, k, v)
-    lengths_known = cache_seqlens is None  # built here: nothing to check on the device
+    if snew:
+        _check_cache_writable(k_cache, v_cache)
+    lengths_known = cache_seqlens is None  # built here: only a paged cache's pages left to check
     cache_seqlens = _seqlens_tensor(q, cache_seqlens, k is not None, Smax)
     if cache_leftpad is not None:
         _check_leftpad(q, cache_leftpad, block_table, check_values)
-    if check_values and not lengths_known and _checks_values(cache_seqlens):
+    if check_values and (not lengths_known or block_table is not None) and _checks_values(cache_seqlens):
         _check_cache_values(cache_seqlens, snew, Smax, block_table, k_cache.shape[0], k_cache.shape[1])
     return cache_seqlens, block_table, window, snew, Smax
+
+
+def _check_cache_writable(k_cache, v_cache) -> None:
+    """An append writes the caches in place: entries that share memory (a broadcast, expand()ed
+    view) or k_cache and v_cache over the same memory would write one location for several entries."""
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if any(st == 0 and n > 1 for st, n in zip(c.stride(), c.shape)):
+            raise ValueError(f"{name} has entries that share memory (stride 0, e.g. an expand()ed view: strides "
+                             f"{c.stride()}); an append writes it in place: pass a tensor with its own storage")
+    if k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr():
+        raise ValueError("k_cache and v_cache must not be the same memory (an append writes both in place)")
 
 
 def _check_int32(name: str, x, layout: str) -> None:
@@ -458,9 +562,12 @@ def _check_cache(q, k_cache, v_cache, block_table):
     """The caches (and the paged layout's block table, shapes only): ``(block_table, Smax)``."""
     _check_tensor("q", q, 4, "(B, Sq, H, D)")
     layout = "(num_pages, page_size, Hkv, D)" if block_table is not None else "(B, Smax, Hkv, D)"
-    _check_tensor("k_cache", k_cache, 4, layout)
-    _check_tensor("v_cache", v_cache, 4, layout)
-    _check_same(q, [("k_cache", k_cache), ("v_cache", v_cache)])
+    if _is_quantized(k_cache):
+        _check_quantized_cache(q, k_cache, v_cache, layout)
+    else:
+        _check_tensor("k_cache", k_cache, 4, layout)
+        _check_tensor("v_cache", v_cache, 4, layout)
+        _check_same(q, [("k_cache", k_cache), ("v_cache", v_cache)])
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     B = q.shape[0]
@@ -476,6 +583,103 @@ def _check_cache(q, k_cache, v_cache, block_table):
     if block_table.stride(1) != 1:  # the decode kernels read a row's pages with unit stride
         block_table = block_table.contiguous()
     return block_table, block_table.shape[1] * k_cache.shape[1]
+
+
+# int8 / fp8 KV caches: codes plus one float32 scale per token and kv head (x ~= codes * scale)
+_QUANT_CACHE_DTYPES = (torch.int8, torch.float8_e4m3fn)
+_QUANT_Q_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _is_quantized(cache) -> bool:
+    return isinstance(cache, torch.Tensor) and cache.dtype in _QUANT_CACHE_DTYPES
+
+
+def _check_quantized_cache(q, k_cache, v_cache, layout: str) -> None:
+    """An int8 / float8_e4m3fn k_cache: v_cache of the same dtype, both 4-D on q's device, q 16-bit."""
+    if q.dtype not in _QUANT_Q_DTYPES:
+        raise TypeError(f"q must be float16 or bfloat16 with a {k_cache.dtype} (quantized) cache, got {q.dtype}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must have 4 dimensions {layout}, got shape {tuple(k_cache.shape)}")
+    if not isinstance(v_cache, torch.Tensor):
+        raise TypeError(f"v_cache must be a torch.Tensor of shape {layout}, got {type(v_cache).__name__}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache.dtype must equal k_cache.dtype ({k_cache.dtype}) for a quantized cache, "
+                        f"got {v_cache.dtype}")
+    if v_cache.dim() != 4:
+        raise ValueError(f"v_cache must have 4 dimensions {layout}, got shape {tuple(v_cache.shape)}")
+    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+
+
+def _check_kv_scales(q, k_cache, k_scale, v_scale, block_table) -> None:
+    """k_scale / v_scale: float32 (B, Smax, Hkv) (paged: (num_pages, page_size, Hkv)) on q's device
+    with a quantized cache; None with a float one. Any strides."""
+    if not _is_quantized(k_cache):
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is not None:
+                raise ValueError(f"{name} is only for an int8 or float8_e4m3fn (quantized) cache; k_cache is "
+                                 f"{k_cache.dtype}: pass {name}=None")
+        return
+    layout = "(num_pages, page_size, Hkv)" if block_table is not None else "(B, Smax, Hkv)"
+    expect = tuple(k_cache.shape[:3])
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None:
+            raise ValueError(f"{name} is required with a {k_cache.dtype} cache: a float32 tensor of shape "
+                             f"{layout} = {expect}")
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"{name} must be a float32 torch.Tensor of shape {layout} = {expect}, "
+                            f"got {type(s).__name__}")
+        if s.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 of shape {layout} = {expect}, got {s.dtype}")
+        if tuple(s.shape) != expect:
+            raise ValueError(f"{name} must have shape {layout} = {expect}, got {tuple(s.shape)}")
+        if s.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {s.device}")
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype = torch.int8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The KV-cache quantisation of :func:`flash_attn_with_kvcache`, per row of the last dim:
+    ``x (..., D) -> (codes (..., D) of ``dtype`` (int8 or float8_e4m3fn), scale float32 (...))``
+    with ``x ~= codes.float() * scale[..., None]`` (the shared quantisers of
+    :mod:`qwen3vl_flash.quant.quantize`: fp32 scales ``max|x| / 127`` or ``/ 448``, round half to
+    even, 1 for an all-zero row). Use it to fill a quantized cache from a prefill."""
+    from .quant.quantize import quantize_fp8, quantize_int8
+
+    if dtype == torch.int8:
+        return quantize_int8(x)
+    if dtype == torch.float8_e4m3fn:
+        codes, scale = quantize_fp8(x, dim=-1)
+        return codes, scale.squeeze(-1)
+    raise ValueError(f"dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
+
+
+def _dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes (..., D), scale (...) -> ``codes.float() * scale`` in ``dtype`` (the portable path's
+    dequantised history: one rounding to q's dtype, so the existing kernels take it)."""
+    return (codes.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as uint8 (same bytes): indexed reads and writes of fp8 are not implemented
+    for every device and op (index_copy_ on the CPU, for one); other tensors as they are."""
+    return x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x
+
+
+def _take(x: torch.Tensor, index) -> torch.Tensor:
+    """``x[index]`` (a gather), fp8 through its bytes."""
+    return _bytes(x)[index].view(x.dtype)
+
+
+def _write_rows(cache: torch.Tensor, scales: Optional[torch.Tensor], index, x: torch.Tensor) -> None:
+    """``cache[index] = x``, quantised (codes and their scales at the same rows) when ``scales`` is
+    given."""
+    if scales is None:
+        cache[index] = x
+        return
+    codes, s = quantize_kv(x, cache.dtype)
+    _bytes(cache)[index] = _bytes(codes)
+    scales[index] = s
 
 
 def _check_new_kv(q, k_cache, k, v) -> int:
@@ -512,7 +716,7 @@ def _seqlens_tensor(q, cache_seqlens, appends: bool, Smax: int) -> torch.Tensor:
         raise ValueError(f"cache_seqlens must have shape (B,) = ({B},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on q's device ({q.device}), got {cache_seqlens.device}")
-    return cache_seqlens
+    return cache_seqlens.contiguous()  # the decode kernels read it as a plain array (as block_table)
 
 
 def _check_leftpad(q, cache_leftpad, block_table, check_values: bool) -> None:
@@ -522,6 +726,9 @@ def _check_leftpad(q, cache_leftpad, block_table, check_values: bool) -> None:
         raise ValueError(f"cache_leftpad must have shape (B,) = ({B},), got {tuple(cache_leftpad.shape)}")
     if cache_leftpad.device != q.device:
         raise ValueError(f"cache_leftpad must be on q's device ({q.device}), got {cache_leftpad.device}")
+    if cache_leftpad.stride(0) != 1 and B > 1:  # the decode kernels read it as a plain array
+        raise ValueError(f"cache_leftpad must be contiguous (stride 1), got stride {cache_leftpad.stride(0)}: "
+                         "pass cache_leftpad.contiguous()")
     if block_table is not None:
         raise ValueError("cache_leftpad is not supported with a paged cache (block_table)")
     if check_values and _checks_values(cache_leftpad):
@@ -562,10 +769,12 @@ def _check_cache_values(cache_seqlens: torch.Tensor, snew: int, Smax: int, block
 
 
 def _kvcache_fused(q, k_cache, v_cache, k, v, cache_seqlens, scale: float, causal: bool, window, backend: str,
-                   return_lse: bool, block_table, cache_leftpad, Smax: int):
+                   return_lse: bool, block_table, cache_leftpad, Smax: int, k_scale=None, v_scale=None):
     """Run the call on a backend with a fused decode path (Triton split-KV: appends and attends
     itself, no host syncs, CUDA-graph capturable); auto prefers one to any backend without.
     Returns (out, lse), or None when no backend has one for this call or (auto) it failed.
+    A quantized cache (its dtype is in the key) goes to a backend whose ``kvcache_check`` accepts
+    that cache dtype, with ``k_scale``/``v_scale`` passed on (quantise-on-append is the backend's).
 
     The backend is resolved before the cache is touched, so a refusal leaves it untouched. Decode
     loops repeat one call shape: the decision (and the call's AttnParams, which then keep the
@@ -573,7 +782,8 @@ def _kvcache_fused(q, k_cache, v_cache, k, v, cache_seqlens, scale: float, causa
     bottleneck, see docs/perf/decode.md)."""
     profile = profile_for_device(q.device)
     key = (q.device, q.dtype, tuple(q.shape), tuple(k_cache.shape), k_cache.stride(), backend,
-           os.environ.get(ENV_BACKEND), id(profile), causal, window, scale, return_lse, block_table is None)
+           os.environ.get(ENV_BACKEND), id(profile), causal, window, scale, return_lse, block_table is None,
+           k_cache.dtype)
     hit = _KV_DISPATCH.get(key)
     if hit is None:
         p = AttnParams(scale, causal, window, profile=profile)
@@ -586,8 +796,12 @@ def _kvcache_fused(q, k_cache, v_cache, k, v, cache_seqlens, scale: float, causa
     fused_be, p = hit
     if fused_be is None:
         return None
+    if _MONITORS:  # qf.monitor(): time and record the fused call (off: this one truth test)
+        fused_be = _monitored_kvcache(fused_be, q, k_cache, v_cache, p, backend, return_lse, Smax)
     try:
         kw = {} if cache_leftpad is None else {"cache_leftpad": cache_leftpad}
+        if k_scale is not None:  # quantized cache (only then: backends without quantized caches keep their API)
+            kw.update(k_scale=k_scale, v_scale=v_scale)
         return fused_be.kvcache_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table, **kw)
     except Exception as exc:  # e.g. a kernel that fails to compile: auto falls through, once-logged
         if backend != "auto" or os.environ.get(ENV_BACKEND, "auto") != "auto":
@@ -603,20 +817,22 @@ def _kvcache_fused(q, k_cache, v_cache, k, v, cache_seqlens, scale: float, causa
 
 
 def _contiguous_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, snew: int, scale, causal, window,
-                        return_lse, backend):
-    """Without a fused kernel: append (an indexed write), then one dense call over the valid
-    prefix when every row has the same length, else one varlen call over the packed rows."""
+                        return_lse, backend, k_scale=None, v_scale=None):
+    """Without a fused kernel: append (an indexed write; quantised with its scales for a
+    quantized cache), then one dense call over the valid prefix when every row has the same
+    length, else one varlen call over the packed rows. A quantized cache is dequantised to q's
+    dtype on the rows read only (O(what is read), per call)."""
     B, Sq, H = q.shape[:3]
     with torch.no_grad():
         if snew:
             rows = cache_seqlens.long().unsqueeze(1) + torch.arange(snew, device=q.device)  # (B, Snew)
             bidx = torch.arange(B, device=q.device).unsqueeze(1).expand(B, snew)
-            k_cache[bidx, rows] = k
-            v_cache[bidx, rows] = v
+            _write_rows(k_cache, k_scale, (bidx, rows), k)
+            _write_rows(v_cache, v_scale, (bidx, rows), v)
         lens = cache_seqlens + snew
         if cache_leftpad is not None:
             return _packed_kvcache(q, k_cache, v_cache, cache_leftpad, lens, scale, causal, window, return_lse,
-                                   backend)
+                                   backend, k_scale, v_scale)
         lens_list = lens.tolist()
         if min(lens_list) == max(lens_list):  # one length: a dense call over the valid prefix
             L = lens_list[0]
@@ -624,12 +840,17 @@ def _contiguous_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad,
                 out = q.new_zeros(q.shape)
                 lse = torch.full((B, H, Sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
                 return (out, lse) if return_lse else out
-            return flash_attn_func(q, k_cache[:, :L], v_cache[:, :L], scale, causal, window, return_lse, backend)
+            kc, vc = k_cache[:, :L], v_cache[:, :L]
+            if k_scale is not None:
+                kc, vc = _dequantize_kv(kc, k_scale[:, :L], q.dtype), _dequantize_kv(vc, v_scale[:, :L], q.dtype)
+            return flash_attn_func(q, kc, vc, scale, causal, window, return_lse, backend)
         # ragged lengths: pack the valid rows and run one varlen call
-        return _packed_kvcache(q, k_cache, v_cache, None, lens, scale, causal, window, return_lse, backend)
+        return _packed_kvcache(q, k_cache, v_cache, None, lens, scale, causal, window, return_lse, backend,
+                               k_scale, v_scale)
 
 
-def _packed_kvcache(q, k_cache, v_cache, start, end, scale, causal, window, return_lse, backend):
+def _packed_kvcache(q, k_cache, v_cache, start, end, scale, causal, window, return_lse, backend, k_scale=None,
+                    v_scale=None):
     """Without a fused kernel: keys [start[b], end[b]) of each row (start None: 0), packed into
     one varlen call (bottom-right causal within each row's keys is then the cache's own alignment)."""
     B, Sq, H, D = q.shape
@@ -642,7 +863,10 @@ def _packed_kvcache(q, k_cache, v_cache, start, end, scale, causal, window, retu
     cu_k = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     cu_k[1:] = torch.cumsum(n, 0)
     cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
-    res = flash_attn_varlen_func(q.reshape(B * Sq, H, D), k_cache[valid], v_cache[valid], cu_q, cu_k, Sq,
+    kp, vp = _take(k_cache, valid), _take(v_cache, valid)  # (Tk, Hkv, D)
+    if k_scale is not None:  # quantized: dequantise the packed rows only
+        kp, vp = _dequantize_kv(kp, k_scale[valid], q.dtype), _dequantize_kv(vp, v_scale[valid], q.dtype)
+    res = flash_attn_varlen_func(q.reshape(B * Sq, H, D), kp, vp, cu_q, cu_k, Sq,
                                  max(int(n.max()), 1), scale, causal, window, return_lse, backend)
     if not return_lse:
         return res.view(B, Sq, H, D)
@@ -651,18 +875,24 @@ def _packed_kvcache(q, k_cache, v_cache, start, end, scale, causal, window, retu
 
 
 def _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window,
-                            return_lse, backend):
-    """Paged cache without a fused kernel: append into the pages, gather each row's pages into a
-    contiguous copy (O(B * Smax) memory) and run the contiguous path without appending again."""
+                            return_lse, backend, k_scale=None, v_scale=None):
+    """Paged cache without a fused kernel: append into the pages (quantised, with the scales of
+    the page slots, for a quantized cache), gather each row's pages (and scales) into a contiguous
+    copy (O(B * Smax) memory) and run the contiguous path without appending again."""
     num_pages, page_size, Hkv, D = k_cache.shape
     B = q.shape[0]
+    scales = {}
     with torch.no_grad():
         if k is not None and k.shape[1]:
             pos = cache_seqlens.long().unsqueeze(1) + torch.arange(k.shape[1], device=q.device)  # (B, Snew)
             page = torch.gather(block_table.long(), 1, pos // page_size)
-            k_cache[page, pos % page_size] = k
-            v_cache[page, pos % page_size] = v
+            _write_rows(k_cache, k_scale, (page, pos % page_size), k)
+            _write_rows(v_cache, v_scale, (page, pos % page_size), v)
             cache_seqlens = cache_seqlens + k.shape[1]
-        kc = k_cache[block_table.long()].reshape(B, -1, Hkv, D)
-        vc = v_cache[block_table.long()].reshape(B, -1, Hkv, D)
-    return flash_attn_with_kvcache(q, kc, vc, None, None, cache_seqlens, scale, causal, backend, window, return_lse)
+        kc = _take(k_cache, block_table.long()).reshape(B, -1, Hkv, D)
+        vc = _take(v_cache, block_table.long()).reshape(B, -1, Hkv, D)
+        if k_scale is not None:
+            scales = {"k_scale": k_scale[block_table.long()].reshape(B, -1, Hkv),
+                      "v_scale": v_scale[block_table.long()].reshape(B, -1, Hkv)}
+    return flash_attn_with_kvcache(q, kc, vc, None, None, cache_seqlens, scale, causal, backend, window, return_lse,
+                                   **scales)

@@ -261,11 +261,13 @@ class TritonBackend(Backend):
         return triton_decode.decode_check(q, k_cache, p)
 
     def kvcache_attention(self, q, k_cache, v_cache, k, v, cache_seqlens, p: AttnParams, block_table=None,
-                          cache_leftpad=None):
+                          cache_leftpad=None, k_scale=None, v_scale=None):
+        """The split-KV decode; an int8 / float8_e4m3fn cache comes with its float32 per-token
+        ``k_scale``/``v_scale`` (dequantised on load, new rows quantised in the kernel)."""
         from . import triton_decode
 
         return triton_decode.decode_attention(q, k_cache, v_cache, k, v, cache_seqlens, p, block_table=block_table,
-                                              cache_leftpad=cache_leftpad)
+                                              cache_leftpad=cache_leftpad, k_scale=k_scale, v_scale=v_scale)
 
 
 register_backend(TritonBackend())

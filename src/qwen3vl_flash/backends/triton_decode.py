@@ -23,6 +23,16 @@ Masking follows ``qwen3vl_flash.reference``: query ``s`` sits at absolute positi
 ``s + L - Sq`` (bottom-right alignment), sees key ``j`` iff ``j <= pos + right`` (causal: right = 0)
 and ``j >= pos - left``. A row that sees no key gets output 0 and lse -inf.
 
+Quantized caches (``QUANT`` constexpr, 0 = off: the float path is the same code as before):
+int8 or float8_e4m3fn codes with one float32 scale per token and kv head (``KS``/``VS``, laid out
+like the cache without its head_dim). Tiles are dequantised on load: codes -> q's dtype (exact:
+int8 values and e4m3 values are bf16/fp16 numbers), ``q . codes`` on the tensor cores, the score
+columns multiplied by the key scales in fp32; P's columns are multiplied by the value scales
+before P is rounded for the P.V dot. New k/v rows are quantised in the kernel
+(:func:`_quantize_rows`, bit-for-bit the shared PyTorch quantisers of
+:mod:`qwen3vl_flash.quant.quantize`): split 0 stores the codes and scales, every program attends
+to the same codes computed from ``k``/``v``.
+
 Tile data (block sizes, warps, the split heuristic) is ``profile.triton.decode``, a
 :class:`~qwen3vl_flash.hardware.profiles.DecodeTiles` (its defaults are the measured table).
 """
@@ -85,8 +95,37 @@ def _row_offsets(pos, b, BT, stride_btb, stride_b, stride_s, PAGED: tl.constexpr
     else:
         return b.to(tl.int64) * stride_b + pos * stride_s
 
-def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, window_right,
-            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr):
+def _rint(a):
+    # round half to even of fp32 a >= 0, a < 2^22: adding 1.5 * 2^23 leaves no fraction bits, so
+    # the IEEE add itself rounds (to nearest even); the subtraction is then exact. Plain fp32
+    # arithmetic: the interpreter (numpy) and the GPU agree, no libdevice needed
+    return (a + 12582912.0) - 12582912.0
+
+def _quantize_rows(x, QUANT: tl.constexpr):
+    # -- one scale per row of x (BLOCK_N, BLOCK_D) fp32 (masked columns 0), as quant.quantize:
+    # scale = max|x| / 127 (int8) or / 448 (e4m3), 1 for a zero row; codes round half to even.
+    # Returns (codes as fp32 values, exact in the cache dtype and in bf16/fp16; scale (BLOCK_N,))
+    amax = tl.max(tl.abs(x), 1)
+    if QUANT == 1:
+        scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
+    else:
+        scale = tl.where(amax > 0.0, amax / 448.0, 1.0)
+    y = x / scale[:, None]
+    a = tl.abs(y)
+    if QUANT == 1:
+        r = tl.minimum(_rint(a), 127.0)
+    else:
+        # e4m3fn: 3 mantissa bits, so the grid step at |y| in [2^e, 2^(e+1)) is 2^(e-3); below
+        # 2^-6 (subnormals) it is 2^-9. Rounding to that grid here, instead of in the fp32 -> fp8
+        # conversion, keeps the interpreter exact (triton 3.9's interpreter drops the carry into
+        # the exponent and rounds ties away there); the conversion of a grid value is exact
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3), built from its bits
+        r = tl.minimum(_rint(a / step) * step, 448.0)
+    return tl.where(y < 0.0, -r, r), scale  # -0.0 for negative rows rounded to 0, as torch's fp8 cast
+
+def _attend(q, k, v, ks, vs, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, window_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr, QUANT: tl.constexpr):
     # -- scores of the packed query rows against one key tile, in log2 units (scaled in fp32,
     # not by rounding a scaled q back to bf16). DOT_PREC "upcast" (every dtype on CPU): the
     # interpreter (triton 3.9) multiplies bf16 tiles wrongly, so there the operands are
@@ -96,7 +135,10 @@ def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, windo
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         qk = dot(q, tl.trans(k), None, DOT_PREC)
-    qk = qk * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+    if QUANT > 0:  # k holds codes: each score column times its key's scale (BLOCK_N,), in fp32
+        qk = qk * (ks * qk_scale)[None, :]
+    else:
+        qk = qk * qk_scale  # (BLOCK_M, BLOCK_N) fp32
     visible = kmask[None, :]
     if HAS_RIGHT:
         visible = visible & (j[None, :] <= qpos[:, None] + window_right)
@@ -110,12 +152,14 @@ def _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, windo
     p = tl.exp2(qk - m_pivot[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     # -- update the output accumulator
+    if QUANT > 0:  # v holds codes: P's columns times the value scales, before P is rounded
+        p = p * vs[None, :]
     p = p.to(v.dtype)  # P in the input dtype, as FA2
     acc = acc * alpha[:, None] + dot(p, v, None, DOT_PREC)
     return m_new, l_i, acc
 
 def _split_kernel(
-    Q, K, V, KN, VN, SEQLENS, BT, O_PART, OUT, LSE, SEM, LEFTPAD,
+    Q, K, V, KN, VN, SEQLENS, BT, O_PART, OUT, LSE, SEM, LEFTPAD, KS, VS,
     qk_scale, lse_offset, num_splits, snew, cap, window_left, window_right,
     stride_ob, stride_os, stride_oh,
     stride_qb, stride_qs, stride_qh,
@@ -124,11 +168,13 @@ def _split_kernel(
     stride_knb, stride_kns, stride_knh,
     stride_vnb, stride_vns, stride_vnh,
     stride_btb,
+    stride_ksb, stride_kss, stride_ksh,
+    stride_vsb, stride_vss, stride_vsh,
     HKV: tl.constexpr, GROUP: tl.constexpr, SQ: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     MIN_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr,
-    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LEFTPAD: tl.constexpr, QUANT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= GROUP * SQ)
     tl.static_assert(BLOCK_D >= HEAD_DIM)
@@ -153,13 +199,31 @@ def _split_kernel(
             ok = (t < snew) & (pos < cap)
             m2 = ok[:, None] & d_mask[None, :]
             src = b.to(tl.int64) * stride_knb + t.to(tl.int64) * stride_kns + hkv * stride_knh
-            kn = tl.load(KN + src[:, None] + offs_d[None, :], mask=m2)
+            if QUANT > 0:  # zeros past head_dim: they must not reach the row maximum
+                kn = tl.load(KN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
+            else:
+                kn = tl.load(KN + src[:, None] + offs_d[None, :], mask=m2)
             src = b.to(tl.int64) * stride_vnb + t.to(tl.int64) * stride_vns + hkv * stride_vnh
-            vn = tl.load(VN + src[:, None] + offs_d[None, :], mask=m2)
+            if QUANT > 0:
+                vn = tl.load(VN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
+            else:
+                vn = tl.load(VN + src[:, None] + offs_d[None, :], mask=m2)
             row_k = _row_offsets(pos, b, BT, stride_btb, stride_kb, stride_ks, PAGED, PAGE_SIZE, ok)
             row_v = _row_offsets(pos, b, BT, stride_btb, stride_vb, stride_vs, PAGED, PAGE_SIZE, ok)
-            tl.store(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], kn, mask=m2)
-            tl.store(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], vn, mask=m2)
+            if QUANT > 0:  # codes into the cache, their scales into KS / VS at the same rows
+                kq, k_sc = _quantize_rows(kn.to(tl.float32), QUANT)
+                vq, v_sc = _quantize_rows(vn.to(tl.float32), QUANT)
+                tl.store(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], kq.to(K.dtype.element_ty),
+                         mask=m2)
+                tl.store(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], vq.to(V.dtype.element_ty),
+                         mask=m2)
+                row_ks = _row_offsets(pos, b, BT, stride_btb, stride_ksb, stride_kss, PAGED, PAGE_SIZE, ok)
+                row_vs = _row_offsets(pos, b, BT, stride_btb, stride_vsb, stride_vss, PAGED, PAGE_SIZE, ok)
+                tl.store(KS + row_ks + hkv * stride_ksh, k_sc, mask=ok)
+                tl.store(VS + row_vs + hkv * stride_vsh, v_sc, mask=ok)
+            else:
+                tl.store(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], kn, mask=m2)
+                tl.store(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], vn, mask=m2)
 
     pad = 0
     if HAS_LEFTPAD:
@@ -203,8 +267,22 @@ def _split_kernel(
         row_v = _row_offsets(j, b, BT, stride_btb, stride_vb, stride_vs, PAGED, PAGE_SIZE, kmask)
         k = tl.load(K + (row_k + hkv * stride_kh)[:, None] + offs_d[None, :], mask=m2, other=0.0)
         v = tl.load(V + (row_v + hkv * stride_vh)[:, None] + offs_d[None, :], mask=m2, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, window_right,
-                                HAS_LEFT, HAS_RIGHT, DOT_PREC)
+        if QUANT > 0:  # codes -> q's dtype (exact); their scales (BLOCK_N,) fp32
+            row_ks = _row_offsets(j, b, BT, stride_btb, stride_ksb, stride_kss, PAGED, PAGE_SIZE, kmask)
+            row_vs = _row_offsets(j, b, BT, stride_btb, stride_vsb, stride_vss, PAGED, PAGE_SIZE, kmask)
+            ks = tl.load(KS + row_ks + hkv * stride_ksh, mask=kmask, other=0.0)
+            vs = tl.load(VS + row_vs + hkv * stride_vsh, mask=kmask, other=0.0)
+            if DOT_PREC == "upcast":  # the interpreter (triton 3.9) turns int8 -> bf16 into garbage
+                k = k.to(tl.float32).to(q.dtype)
+                v = v.to(tl.float32).to(q.dtype)
+            else:  # one conversion on the GPU (exact: codes are bf16/fp16 numbers)
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+        else:
+            ks = qk_scale  # unused
+            vs = qk_scale
+        m_i, l_i, acc = _attend(q, k, v, ks, vs, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left,
+                                window_right, HAS_LEFT, HAS_RIGHT, DOT_PREC, QUANT)
 
     # -- the new keys, read from k/v (split 0 is copying them into the cache meanwhile)
     for j0 in range(tl.maximum(start, cache_len), end, BLOCK_N):
@@ -216,8 +294,16 @@ def _split_kernel(
         k = tl.load(KN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
         src = b.to(tl.int64) * stride_vnb + t * stride_vns + hkv * stride_vnh
         v = tl.load(VN + src[:, None] + offs_d[None, :], mask=m2, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left, window_right,
-                                HAS_LEFT, HAS_RIGHT, DOT_PREC)
+        if QUANT > 0:  # the codes split 0 is storing, computed alike: attend to what the cache will hold
+            kq, ks = _quantize_rows(k.to(tl.float32), QUANT)
+            vq, vs = _quantize_rows(v.to(tl.float32), QUANT)
+            k = kq.to(q.dtype)
+            v = vq.to(q.dtype)
+        else:
+            ks = qk_scale  # unused
+            vs = qk_scale
+        m_i, l_i, acc = _attend(q, k, v, ks, vs, j, kmask, qpos, m_i, l_i, acc, qk_scale, window_left,
+                                window_right, HAS_LEFT, HAS_RIGHT, DOT_PREC, QUANT)
 
     # -- partial output (normalised) and its base-2 lse; layout (B, H, SQ, num_splits, ...)
     empty = l_i == 0.0
@@ -291,7 +377,8 @@ def _merge_kernel(
                n_used, num_splits, HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
-_JIT_NAMES = ("_split_range", "_row_offsets", "_attend", "_merge_row", "_split_kernel", "_merge_kernel")
+_JIT_NAMES = ("_split_range", "_row_offsets", "_rint", "_quantize_rows", "_attend", "_merge_row", "_split_kernel",
+              "_merge_kernel")
 _RAW = {name: globals()[name] for name in _JIT_NAMES}
 _KERNELS: Dict[bool, Dict[str, object]] = {}
 
@@ -374,7 +461,22 @@ def decode_check(q: torch.Tensor, k_cache: torch.Tensor, p) -> Optional[str]:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     if k_cache.stride(-1) != 1:
         return "k_cache must be contiguous in head_dim (stride(-1) == 1)"
+    mode = quant_mode(k_cache.dtype)
+    if mode:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"a {k_cache.dtype} cache takes float16/bfloat16 queries, got {q.dtype}"
+        if mode == 2 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
+            return "float8_e4m3fn caches need compute capability >= 8.9 in Triton (fp8e4nv)"
     return None
+
+
+# the kernels' QUANT constexpr per cache dtype (0: a float cache)
+_QUANT_MODES = {torch.int8: 1, torch.float8_e4m3fn: 2}
+
+
+def quant_mode(cache_dtype: torch.dtype) -> int:
+    """The kernels' ``QUANT`` for a cache dtype: 0 float, 1 int8, 2 float8_e4m3fn."""
+    return _QUANT_MODES.get(cache_dtype, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +498,8 @@ class _Plan:
                  "sem_numel")
 
 
-def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False, allow_fuse: bool = True) -> _Plan:
+def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False, allow_fuse: bool = True,
+          quant: int = 0) -> _Plan:
     B, Sq, H, D = q.shape
     Hkv = k_cache.shape[2]
     group = H // Hkv
@@ -404,10 +507,12 @@ def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False, al
     rows = group * Sq
     block_d = max(16, next_pow2(D))
     block_n = tiles.keys_per_tile(block_d)
+    factor = tiles.quant_keys_factor if quant else 1  # same bytes per tile and split as a bf16 cache
+    block_n *= factor
     page_size = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    ns = num_splits(Hkv, capacity, rows, _num_sms(q.device), tiles)
-    min_chunk = _min_chunk(tiles, rows)
+    ns = num_splits(Hkv, capacity // factor, rows, _num_sms(q.device), tiles)
+    min_chunk = _min_chunk(tiles, rows) * factor
     min_chunk = -(-min_chunk // block_n) * block_n
     left, right = fold_window(p.causal, p.window_size)
     has_left = left >= 0
@@ -428,7 +533,7 @@ def _plan(q, k_cache, snew, p, paged, block_table, has_leftpad: bool = False, al
     # DOT_PREC: on GPU the forward's; on CPU (the interpreter) every dtype is widened ("upcast")
     prec = "upcast" if q.device.type == "cpu" else dot_precision(q.dtype, upcast=False)
     pl.split_const = (Hkv, group, Sq, D, max(16, next_pow2(rows)), block_n, block_d, paged, page_size,
-                      has_left, has_right, min_chunk, prec, pl.fuse, block_s, has_leftpad)
+                      has_left, has_right, min_chunk, prec, pl.fuse, block_s, has_leftpad, quant)
     pl.merge_const = (H, Sq, D, block_d, block_s, has_left, min_chunk, block_n, has_leftpad)
     # split counters of the fused merge: zeroed once, reset by the kernel itself; one set per
     # stream, so that calls on different streams never share them
@@ -472,6 +577,8 @@ def decode_attention(
     block_table: Optional[torch.Tensor] = None,
     cache_leftpad: Optional[torch.Tensor] = None,
     fuse: bool = True,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Append k/v to the cache in place, then attend q to the ``cache_seqlens[b] + Snew`` keys
     (those from ``cache_leftpad[b]`` on, when given: a left-padded row's cache starts there).
@@ -484,6 +591,10 @@ def decode_attention(
         k, v: (B, Snew, Hkv, D) or None; written at rows cache_seqlens[b] .. + Snew - 1.
         cache_seqlens: int32 (B,) valid lengths *before* the append (device tensor).
         p: AttnParams (softmax_scale, causal: bottom-right aligned, window_size, profile).
+        k_scale, v_scale: float32 scales of an int8 / float8_e4m3fn cache, (B, Smax, Hkv) or paged
+            (num_pages, page_size, Hkv), any strides: key j's codes times its scale are the
+            dequantised key. New k/v (q's dtype) are quantised in the kernel; codes and scales
+            are written at the appended rows. None for a float cache.
         fuse: allow the fused merge (one launch). Its split counters are a buffer kept between
             calls, so callers whose allocations must not outlive the call (torch.compile's
             CUDA-graph trees, which allocate from the graph's pool even while warming up) pass
@@ -500,13 +611,17 @@ def decode_attention(
     split_kernel, merge_kernel = _kernels()
     snew = 0 if k is None else k.shape[1]
     has_pad = cache_leftpad is not None
+    quant = quant_mode(k_cache.dtype)
+    if quant and (k_scale is None or v_scale is None):
+        raise ValueError(f"k_scale and v_scale are required with a {k_cache.dtype} cache")
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (q.shape, q.dtype, q.device, k_cache.shape, snew, p.causal, p.window_size, p.softmax_scale,
-           id(p.profile), None if block_table is None else block_table.shape, has_pad, capturing or not fuse)
+           id(p.profile), None if block_table is None else block_table.shape, has_pad, capturing or not fuse,
+           k_cache.dtype)
     pl = _PLANS.get(key)
     if pl is None:
         pl = _PLANS[key] = _plan(q, k_cache, snew, p, block_table is not None, block_table, has_pad,
-                                 allow_fuse=fuse and not capturing)
+                                 allow_fuse=fuse and not capturing, quant=quant)
     pad_t = cache_leftpad if has_pad else cache_seqlens  # never read without HAS_LEFTPAD
     B, Sq, H, D = q.shape
     if q.stride(-1) != 1:
@@ -521,13 +636,19 @@ def decode_attention(
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=dev)
     ws = torch.empty((pl.ws_numel,), dtype=torch.float32, device=dev)
     poison(out, lse, ws)  # tests: NaN-fill every buffer the kernels must write, so a skipped element fails
+    if quant:
+        ks_t, vs_t = k_scale, v_scale
+        scale_strides = (*k_scale.stride(), *v_scale.stride())
+    else:  # never read (QUANT = 0)
+        ks_t = vs_t = cache_seqlens
+        scale_strides = (0,) * 6
     strides = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-               bt.stride(0) if block_table is not None else 0)
+               bt.stride(0) if block_table is not None else 0, *scale_strides)
     spec = stream = None
     if pl.fast is not None:
         spec = (q.data_ptr() & 15, k_cache.data_ptr() & 15, v_cache.data_ptr() & 15, k.data_ptr() & 15,
                 v.data_ptr() & 15, cache_seqlens.data_ptr() & 15, bt.data_ptr() & 15, pad_t.data_ptr() & 15,
-                strides)
+                ks_t.data_ptr() & 15, vs_t.data_ptr() & 15, strides)
         stream = torch._C._cuda_getCurrentRawStream(dev.index)
     if pl.fuse:
         sem = pl.sems.get(stream)
@@ -536,7 +657,7 @@ def decode_attention(
     else:  # never read: the counters are used by the fused merge only
         sem = cache_seqlens
     _launch(pl, 0, split_kernel, pl.grid1,
-            (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, out, lse, sem, pad_t, *pl.split_scalars,
+            (q, k_cache, v_cache, k, v, cache_seqlens, bt, ws, out, lse, sem, pad_t, ks_t, vs_t, *pl.split_scalars,
              H * D * Sq, H * D, D, *strides),
             pl.split_const, pl.split_opts, spec, stream)
     if not pl.fuse:

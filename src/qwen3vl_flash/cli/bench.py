@@ -4,14 +4,15 @@ Writes ``bench.csv`` in the benchmark schema (``qwen3vl_flash.benchmarking.FIELD
 backend x dtype x length with the p20/p50/p80 time in ms, TFLOP/s at p50, peak extra MB, device,
 versions, date; ``benchmarks/README.md`` explains the columns) and, with matplotlib,
 ``bench_time.png`` / ``bench_memory.png``. The default (text-8B heads: 32 query / 8 kv, head_dim
-128, causal) finishes in about a minute on 2 CPU cores.
+128, causal) finishes in about a minute on 2 CPU cores. Providers ``ours-int8`` / ``ours-fp8`` are
+our quantised attention (``flash_attn_func(..., quant=...)``, forward on 16-bit inputs; fp8 on
+sm89+ GPUs), timed beside the exact backends.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-from typing import List
 
 import torch
 
@@ -40,7 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-causal", action="store_true", help="non-causal attention (default: causal)")
     p.add_argument("--mode", choices=["fwd", "fwd_bwd", "fwd+bwd"], default="fwd")
     p.add_argument("--backends", default=None, help="comma list (default: every backend that can run, plus auto; "
-                   "on GPUs also torch-flash, torch-cudnn, torch-efficient: PyTorch SDPA with that kernel forced)")
+                   "on GPUs also torch-flash, torch-cudnn, torch-efficient: PyTorch SDPA with that kernel forced; "
+                   "for 16-bit forward runs also ours-int8 and, on sm89+ GPUs, ours-fp8: flash_attn_func(..., "
+                   "quant=...) on the auto path)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench_out", help="folder for bench.csv and the PNG plots")
     p.add_argument("--no-plot", action="store_true")
@@ -90,9 +93,27 @@ def _torch_sdpa(kernel: str, q, k, v, causal: bool):
     return fwd
 
 
+# our quantised attention, timed as providers: name -> flash_attn_func's quant= (forward only)
+QUANT_PROVIDERS = {"ours-int8": "int8", "ours-fp8": "fp8"}
+
+
+def _quant_providers(device: torch.device) -> list[str]:
+    """The quantised providers this device runs: ours-int8 everywhere, ours-fp8 on sm89+ GPUs."""
+    from qwen3vl_flash.quant.quantize import FP8_MIN_CAPABILITY
+
+    names = ["ours-int8"]
+    if device.type == "cuda" and tuple(torch.cuda.get_device_capability(device)) >= FP8_MIN_CAPABILITY:
+        names.append("ours-fp8")
+    return names
+
+
 def _call(backend: str, q, k, v, causal: bool, mode: str):
     if backend in TORCH_KERNELS:
         fwd = _torch_sdpa(backend, q, k, v, causal)
+    elif backend in QUANT_PROVIDERS:
+
+        def fwd():
+            return qf.flash_attn_func(q, k, v, causal=causal, quant=QUANT_PROVIDERS[backend])
     else:
 
         def fwd():
@@ -121,6 +142,8 @@ def run(args) -> list[dict]:
     wanted = args.backends.split(",") if args.backends else qf.available_backends() + ["auto"]
     if on_gpu and not args.backends:
         wanted += list(TORCH_KERNELS)  # PyTorch's flash / cuDNN / efficient kernels, same run
+    if not args.backends:
+        wanted += _quant_providers(device)  # kept below for 16-bit forward runs only
     causal = not args.no_causal
     profile = qf.select_profile(qf.detect_hardware(device))
     case = f"{'causal' if causal else 'full'} {args.heads}/{args.kv_heads} hd{args.head_dim} B={args.batch}"
@@ -132,6 +155,9 @@ def run(args) -> list[dict]:
         dtype = getattr(torch, dt_name, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"--dtype: unknown dtype {dt_name!r}")
+        if (backend in QUANT_PROVIDERS and not args.backends
+                and (mode != "fwd" or dtype not in (torch.float16, torch.bfloat16))):
+            continue  # quantised attention is forward-only on 16-bit inputs (asked for explicitly: the probe says why)
         g = torch.Generator(device="cpu").manual_seed(S)
         shape_q = (args.batch, S, args.heads, args.head_dim)
         shape_kv = (args.batch, S, args.kv_heads, args.head_dim)

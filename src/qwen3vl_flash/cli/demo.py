@@ -2,6 +2,7 @@
 
     qwen3vl-flash demo                                   # tiny random model, CPU, < 1 min
     qwen3vl-flash demo --config 8b --layers 4 --device cuda --dtype bfloat16
+    qwen3vl-flash demo --monitor                         # + which backend served each attention call
 
 One image + video + text prompt goes through ``generate`` twice on the same weights: with
 transformers' ``sdpa`` and with ours (switched by ``qwen3vl_flash.enable``). Printed: whether the
@@ -12,6 +13,7 @@ sampled every 2 ms).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -38,6 +40,11 @@ def add_arguments(p) -> None:
     p.add_argument("--video-size", type=int, default=None, help="video frame side in pixels (default: image size / 2)")
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens around the media (default 24)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--monitor", action="store_true",
+                   help="record our timed run's attention calls (qwen3vl_flash.monitor) and print the summary")
+    p.add_argument("--quant", default=None, choices=["int8", "fp8"],
+                   help="also generate with quantised attention (qf.enable(model, quant=...)) and report token "
+                        "agreement and logit differences against our exact run (default dtype then bfloat16)")
 
 
 @contextmanager
@@ -108,7 +115,13 @@ def main(args) -> int:
 
     tf = require("transformers", "qwen3vl-flash demo")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = _DTYPES[args.dtype] if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" or getattr(args, "quant", None) else torch.float32)
+    if getattr(args, "quant", None):  # refuse fp8 off sm89+ / a float32 run now, not after two generations
+        from qwen3vl_flash.quant import check_quant
+
+        probe = torch.empty(0, dtype=dtype, device=device)
+        check_quant(args.quant, probe, probe, probe)
     real = args.config != "tiny"
     if real:
         cfg = tiny.real_config(args.config, layers=args.layers or 2, vision_depth=args.vision_depth or 2)
@@ -149,7 +162,9 @@ def main(args) -> int:
     ref, t_ref, mem_ref = _run(model, inputs, args, device)
     qf.enable(model)
     _run(model, inputs, argparse_ns(args, max_new_tokens=2), device)
-    out, t_ours, mem_ours = _run(model, inputs, args, device)
+    mon = qf.monitor(model=model) if args.monitor else contextlib.nullcontext()
+    with mon:
+        out, t_ours, mem_ours = _run(model, inputs, args, device)
 
     same = torch.equal(out.sequences, ref.sequences)
     diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(out.logits, ref.logits))
@@ -167,6 +182,13 @@ def main(args) -> int:
     print(f"tokens identical : {'yes' if same else f'NO (first difference at new token {first_diff})'}")
     print(f"max logit diff   : {diff:.3g} (logits up to {scale:.3g})")
     print(f"generated        : {out.sequences[0, prompt_len:].tolist()}")
+    if args.monitor:
+        print()
+        print(f"attention calls of the {qf.ATTN_IMPLEMENTATION} run above (its time includes the monitor's "
+              "small per-call cost):")
+        print(mon.summary())
+    if getattr(args, "quant", None):
+        _quant_report(model, inputs, args, device, out, prompt_len)
     # random weights in bf16/fp16 have near-ties that rounding can flip; fp32 must agree
     return 0 if same or dtype != torch.float32 else 1
 
@@ -177,3 +199,47 @@ def argparse_ns(args, **changes):
     d = dict(vars(args))
     d.update(changes)
     return argparse.Namespace(**d)
+
+
+def _quant_report(model, inputs, args, device, exact, prompt_len: int) -> dict:
+    """Generate again with ``qf.enable(model, quant=args.quant)`` and print how it agrees with
+    ``exact`` (our unquantised run, same weights and dtype); returns the numbers.
+
+    After the first divergence the two runs condition on different tokens, so logit differences
+    are taken over the steps up to and including it. The margin at the divergence is the exact
+    run's logit of its own pick minus its logit of the quantised run's pick (a near tie when
+    small); without a divergence, the smallest top-1 / top-2 gap of the exact run (how far the
+    closest step was from flipping)."""
+    import qwen3vl_flash as qf
+
+    qf.enable(model, quant=args.quant)
+    try:
+        _run(model, inputs, argparse_ns(args, max_new_tokens=2), device)
+        res, secs, _ = _run(model, inputs, args, device)
+    finally:
+        qf.enable(model)  # back to exact attention for whoever holds the model
+    a, b = exact.sequences[0, prompt_len:], res.sequences[0, prompt_len:]
+    n = min(a.numel(), b.numel())
+    neq = (a[:n] != b[:n]).nonzero().flatten()
+    first = int(neq[0]) if neq.numel() else None
+    upto = n if first is None else first + 1
+    diffs = [(x.float() - y.float()).abs().max().item() for x, y in zip(exact.logits[:upto], res.logits[:upto])]
+    scale = max(x.float().abs().max().item() for x in exact.logits[:upto])
+    if first is not None:
+        ref_logits = exact.logits[first][0].float()
+        margin = (ref_logits[a[first]] - ref_logits[b[first]]).item()
+    else:
+        top2 = [x[0].float().topk(2).values for x in exact.logits[:n]]
+        margin = min((t[0] - t[1]).item() for t in top2)
+    agree = int((a[:n] == b[:n]).sum())
+    print()
+    dtype = next(model.parameters()).dtype
+    print(f"quant={args.quant!r} against our exact {str(dtype)[6:]} run, same weights ({secs:.3f} s):")
+    print(f"tokens equal     : {agree}/{n}" + ("" if first is None else f", first divergence at new token {first}"))
+    print(f"max logit diff   : {max(diffs):.3g} over {upto} steps (logits up to {scale:.3g})")
+    if first is not None:
+        print(f"divergence margin: {margin:.3g} (exact run's logit of its token minus of the quantised pick)")
+    else:
+        print(f"closest margin   : {margin:.3g} (smallest top-1 minus top-2 logit of the exact run)")
+    print(f"generated        : {b.tolist()}")
+    return {"agree": agree, "n": n, "first_divergence": first, "max_logit_diff": max(diffs), "margin": margin}

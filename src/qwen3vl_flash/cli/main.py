@@ -2,6 +2,7 @@
 
     qwen3vl-flash info                 # hardware, profile, backend auto picks, versions
     qwen3vl-flash bench                # time our backends against SDPA and eager, CSV + PNG
+    qwen3vl-flash tune [--quick]       # measure here; auto then uses the tuned profile
     qwen3vl-flash demo                 # a tiny Qwen3-VL end to end, ours vs sdpa (no downloads)
 """
 
@@ -28,6 +29,9 @@ def _cmd_info(args) -> int:
     print(f"qwen3vl-flash {qf.__version__}")
     print(f"device    : {device}  --  {hw.summary()}")
     print(f"profile   : {prof.name}  (tile {prof.tile_size}; tiled blocks {prof.block_m}x{prof.block_n}) {prof.description}")
+    from qwen3vl_flash.hardware.tuning import tuned_status
+
+    print(f"tuned     : {tuned_status(hw).describe()}")
     versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for mod in ("triton", "transformers"):
         if available(mod):
@@ -68,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser("bench", help="time backends vs SDPA/eager over sequence lengths; CSV + PNG")
     bench.add_arguments(p_bench)
     p_bench.set_defaults(func=bench.main)
+
+    from . import tune
+
+    p_tune = sub.add_parser("tune", help="measure backends and tiled's tiles here; write the tuned profile auto uses")
+    tune.add_arguments(p_tune)
+    p_tune.set_defaults(func=tune.main)
 
     p_demo = sub.add_parser("demo", help="tiny Qwen3-VL end to end with our attention vs sdpa (no downloads)")
     try:

@@ -34,6 +34,8 @@ import torch
 
 from ..conventions import MAX_HEAD_DIM
 from .detect import HardwareInfo, detect_hardware
+from . import tuning as _tuning  # tuning reads this module only inside its functions
+from .tuning import ENV_CACHE_DIR, ENV_TUNED
 
 ENV_PROFILE = "QWEN3VL_FLASH_PROFILE"
 
@@ -116,6 +118,10 @@ class DecodeTiles:
     # head_dim (padded to a power of two) -> keys per tile; block_n_other for a head dim not listed
     block_n: Mapping[int, int] = field(default_factory=lambda: {16: 64, 32: 64, 64: 64, 128: 64, 256: 32})
     block_n_other: int = 32
+    # keys per tile (and per split) of an int8 / fp8 cache, times block_n: 2 keeps a bf16 tile's
+    # bytes in flight, but measured slower on an H200 (2026-12-01, exp_quant_decode: fp8 B=8 32k
+    # 284 -> 433 us, int8 295 -> 306 us), so 1
+    quant_keys_factor: int = 1
     num_warps: int = 4
     num_stages: int = 3
     merge_num_warps: int = 4
@@ -126,7 +132,7 @@ class DecodeTiles:
     fuse_merge_max_rows: int = 0
 
     def __post_init__(self):
-        for name in ("waves", "min_chunk", "min_chunk_per_row", "max_splits", "num_stages"):
+        for name in ("waves", "min_chunk", "min_chunk_per_row", "max_splits", "num_stages", "quant_keys_factor"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"DecodeTiles.{name}", "an int >= 1", value)
         for name in ("block_n_other", "num_warps", "merge_num_warps"):
@@ -266,6 +272,17 @@ class TileProfile:
     triton: TritonTiles = field(default_factory=TritonTiles)
     description: str = ""
     cp_order: Optional[Tuple[str, ...]] = None  # None: by device_type (_GPU_CP_ORDER / _CPU_CP_ORDER)
+    # From a tuned profile (hardware/tuning.py), empty in the shipped ones. mode_orders: per mode
+    # ("fwd", "fwd+bwd"), then dtype name, the measured backend order of that mode (auto_order
+    # holds the order over both modes); tiled_blocks: per dtype name, tiled's (block_m, block_n)
+    # (block_m / block_n otherwise). order_for and the tiled backend do not read them yet; until
+    # they do, auto_order and block_m / block_n (chosen over both modes / all dtypes) apply.
+    mode_orders: Dict[str, Dict[str, Tuple[str, ...]]] = field(default_factory=dict)
+    tiled_blocks: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    # CPU profiles: whether this CPU's bf16/fp16 matmul is slow ("slow": tiled, computing in fp32,
+    # goes first for 16-bit calls), "fast", or "measure" (cpu_probe times it once per process);
+    # $QWEN3VL_FLASH_CPU_LOWP overrides it
+    cpu_lowp_matmul: str = "measure"
 
     def __post_init__(self):
         if not isinstance(self.triton, TritonTiles):
@@ -276,18 +293,38 @@ class TileProfile:
         if self.cp_order is None:
             object.__setattr__(self, "cp_order", _GPU_CP_ORDER if self.device_type == "cuda" else _CPU_CP_ORDER)
         object.__setattr__(self, "cp_order", tuple(self.cp_order))
+        for mode, orders in self.mode_orders.items():
+            if mode not in ("fwd", "fwd+bwd") or not isinstance(orders, Mapping):
+                raise TypeError(f"TileProfile.mode_orders: expected {{'fwd' | 'fwd+bwd': {{dtype: order}}}}, "
+                                f"got key {mode!r} -> {orders!r}")
+        for dtype, blocks in self.tiled_blocks.items():
+            if not (isinstance(blocks, tuple) and len(blocks) == 2
+                    and all(isinstance(b, int) and b > 0 for b in blocks)):
+                raise TypeError(f"TileProfile.tiled_blocks[{dtype!r}]: expected (block_m, block_n), got {blocks!r}")
 
     def replace(self, **changes) -> TileProfile:
         return dataclasses.replace(self, **changes)
 
     def order_for(self, dtype: torch.dtype, varlen: bool = False, seqlen_k: Optional[int] = None) -> Tuple[str, ...]:
         """Backends ``auto`` tries, first to last: ``auto_order``'s for the dtype ("varlen" for a
-        packed call where given, else "default"). With ``seqlen_k`` below ``tiled_min_seqlen``,
-        ``tiled`` moves behind the others (but before a last ``eager``)."""
+        packed call where given, else "default"). A 16-bit call on a CPU whose 16-bit matmul is
+        slow (``cpu_lowp_matmul``, ``$QWEN3VL_FLASH_CPU_LOWP``, else measured once per process:
+        :mod:`~qwen3vl_flash.hardware.cpu_probe`) puts ``tiled`` first, which then computes in
+        float32 while SDPA's CPU kernels run 16-bit matmuls (unless ``auto_order`` has an order
+        of the dtype's own, e.g. a tuned one). With ``seqlen_k`` below ``tiled_min_seqlen``,
+        ``tiled`` moves behind the others (but before a last ``eager``). Raises ValueError for a
+        ``cpu_lowp_matmul`` other than "measure", "fast", "slow"."""
+        name = str(dtype).replace("torch.", "")
         if varlen and "varlen" in self.auto_order:
             order = self.auto_order["varlen"]
         else:
-            order = self.auto_order.get(str(dtype).replace("torch.", ""), self.auto_order["default"])
+            order = self.auto_order.get(name, self.auto_order["default"])
+        if (self.device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and name not in self.auto_order
+                and "tiled" in order and order[0] != "tiled"):
+            from . import cpu_probe
+
+            if cpu_probe.lowp_matmul_is_slow(dtype, self.cpu_lowp_matmul):
+                order = ("tiled",) + tuple(n for n in order if n != "tiled")
         if seqlen_k is None or seqlen_k >= self.tiled_min_seqlen or "tiled" not in order:
             return tuple(order)
         rest = list(order)
@@ -413,21 +450,44 @@ def _profile_for(hw: HardwareInfo) -> TileProfile:
     return PROFILES["generic-cpu"]
 
 
-def select_profile(hw: Optional[HardwareInfo] = None, name: Optional[str] = None) -> TileProfile:
+def select_profile(hw: Optional[HardwareInfo] = None, name: Optional[str] = None,
+                   tuned: bool = True) -> TileProfile:
     """The tile profile for ``hw`` (default: detected). ``name`` or ``$QWEN3VL_FLASH_PROFILE``
-    picks a named profile instead; an unknown name raises ValueError listing the known ones."""
+    picks a named profile instead; an unknown name raises ValueError listing the known ones.
+    Otherwise, with ``tuned``, the tuned profile measured on this hardware (``qwen3vl-flash tune``,
+    :mod:`~qwen3vl_flash.hardware.tuning`) where one applies and ``$QWEN3VL_FLASH_TUNED`` is not 0,
+    named ``<shipped name>+tuned``; else the shipped profile for ``hw``."""
     name = name or os.environ.get(ENV_PROFILE) or None
     if name is not None:
         try:
             return PROFILES[name]
         except KeyError:
             raise ValueError(f"profile {name!r} is unknown; expected one of {sorted(PROFILES)}") from None
-    return _profile_for(hw if hw is not None else detect_hardware())
+    return _hardware_profile(hw if hw is not None else detect_hardware(), tuned)
 
 
-# (device type, index) -> profile. A plain dict, not lru_cache: torch.compile (dynamo) traces a
-# dict lookup with guards, but cannot trace hardware detection (file reads) behind an lru_cache.
-_DEVICE_PROFILES: Dict[Tuple[str, Optional[int]], TileProfile] = {}
+def _hardware_profile(hw: HardwareInfo, tuned: bool = True) -> TileProfile:
+    """The shipped profile for ``hw``, or its tuned version where one applies (read once per process)."""
+    base = _profile_for(hw)
+    if not tuned:
+        return base
+    return _tuning.tuned_profile_for(hw, base) or base
+
+
+def reset_profile_cache() -> None:
+    """Forget the profiles resolved per device and the tuned profiles read, so the next call
+    detects and reads again (:func:`~qwen3vl_flash.hardware.tuning.tune` calls this after writing)."""
+    _DEVICE_PROFILES.clear()
+    _tuning.reset_cache()
+
+
+# (device type, index, $QWEN3VL_FLASH_TUNED, $QWEN3VL_FLASH_CACHE_DIR) -> profile. A plain dict,
+# not lru_cache: torch.compile (dynamo) traces a dict lookup with guards, but cannot trace
+# hardware detection (file reads) behind an lru_cache. The env values are part of the key so
+# that setting them (tests, a notebook) takes effect without a reset.
+_DEVICE_PROFILES: Dict[tuple, TileProfile] = {}
+# tuned profiles by the name _detected_profile_name gives them (a str: a constant to dynamo)
+_TUNED_BY_KEY: Dict[str, TileProfile] = {}
 
 
 _PINNED: contextvars.ContextVar = contextvars.ContextVar("qwen3vl_flash_profile", default=None)
@@ -460,17 +520,24 @@ def profile_for_device(device: torch.device) -> TileProfile:
         prof = select_profile(name=env)
         if prof.device_type == device.type:
             return prof
-    key = (device.type, device.index)
+    key = (device.type, device.index, os.environ.get(ENV_TUNED), os.environ.get(ENV_CACHE_DIR))
     prof = _DEVICE_PROFILES.get(key)
     if prof is None:
-        prof = _DEVICE_PROFILES[key] = PROFILES[_detected_profile_name(device.type, device.index)]
+        name = _detected_profile_name(device.type, device.index)
+        prof = _DEVICE_PROFILES[key] = PROFILES[name] if name in PROFILES else _TUNED_BY_KEY[name]
     return prof
 
 
 def _detected_profile_name(device_type: str, index: Optional[int]) -> str:
-    """Run once per device, outside any compiled graph (a constant to torch.compile)."""
+    """Run once per device, outside any compiled graph (a constant to torch.compile): the shipped
+    profile's name, or the key of the tuned profile in ``_TUNED_BY_KEY``."""
     device = torch.device(device_type) if index is None else torch.device(device_type, index)
-    return _profile_for(detect_hardware(device)).name
+    prof = _hardware_profile(detect_hardware(device))
+    if prof.name in PROFILES and PROFILES[prof.name] is prof:
+        return prof.name
+    key = f"{prof.name}@{id(prof)}"  # unique while the profile lives (kept alive by the dict)
+    _TUNED_BY_KEY[key] = prof
+    return key
 
 
 # What torch.compiler.assume_constant_result does, without its `import torch._dynamo`: that import

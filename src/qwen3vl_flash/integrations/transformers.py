@@ -55,12 +55,16 @@ from .._optional import require
 from ..backends import decode_op, decode_op_serves
 from ..conventions import DECODE_MAX_QUERIES, needs_grad, warn_once
 from ..interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, host_values
+from ..monitor import _ACTIVE as _MONITORS  # qf.monitor()
+from ..monitor import label_pending as _label_pending
+from ..monitor import labelled as _labelled
 
 __all__ = ["register", "enable", "attention_forward", "attention_mask", "attend", "is_registered"]
 
 _REGISTERED = False
 _PATCH_MARK = "_qwen3vl_flash_wrapped"
 _CP_ATTR = "_qwen3vl_flash_cp_group"
+_QUANT_ATTR = "_qwen3vl_flash_quant"  # per attention module: qf.enable(model, quant=...)
 # modules whose vision attention gets the single varlen call
 _VISION_CLASSES = (
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionAttention"),
@@ -272,7 +276,7 @@ def _position_plan(position_ids, B: int, S: int) -> Optional[_Plan]:
     return plan
 
 
-def _segments_attention(qt, kt, vt, plan: _Plan, scale: float, causal: bool):
+def _segments_attention(qt, kt, vt, plan: _Plan, scale: float, causal: bool, quant: Optional[str] = None):
     """One varlen call over packed rows; qt/kt/vt (B, S, H|Hkv, D) views -> (B, S, H, D)."""
     B, S, H, D = qt.shape
     if B == 1:
@@ -280,7 +284,7 @@ def _segments_attention(qt, kt, vt, plan: _Plan, scale: float, causal: bool):
     else:
         q, k, v = qt.reshape(B * S, H, D), kt.reshape(B * S, *kt.shape[2:]), vt.reshape(B * S, *vt.shape[2:])
     out = flash_attn_varlen_func(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
-                                 softmax_scale=scale, causal=causal)
+                                 softmax_scale=scale, causal=causal, quant=quant)
     return out.view(B, S, H, D)
 
 
@@ -388,7 +392,7 @@ def _compiled_decode(q, k, v, mask, scale: float):
 
 
 def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = None, cp_group=None,
-           position_ids: Optional[torch.Tensor] = None):
+           position_ids: Optional[torch.Tensor] = None, quant: Optional[str] = None):
     """Exact attention for transformers-layout tensors, honouring a transformers mask.
 
     Args:
@@ -401,12 +405,23 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
             and q and k cover the same positions (Sq == Sk > 1; not under torch.compile): ids
             that restart (packed rows, e.g. ``DataCollatorWithFlattening``) are segments that
             never see each other. A mask, when given, wins over them.
+        quant: None, "int8" or "fp8": prefill-like calls (more than ``DECODE_MAX_QUERIES``
+            queries, or as many queries as keys) use ``flash_attn_*(..., quant=quant)``, the
+            caller having checked that no gradient is needed; decode steps (few queries against a
+            longer history), context-parallel calls, calls under torch.compile and custom masks
+            stay exact.
 
     Returns:
         (B, Sq, H, D), contiguous. Query rows that see no key (padding) are 0.
     """
+    if k.dtype in (torch.int8, torch.float8_e4m3fn):  # a qf.QuantizedStaticCache's codes (quant_cache.py)
+        from .quant_cache import attend_quantized
+
+        return attend_quantized(q, k, v, mask, causal, scale, position_ids=position_ids, cp_group=cp_group)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
+    if quant is not None and Sq <= DECODE_MAX_QUERIES and Sq < Sk:
+        quant = None  # a decode step: exact (a quantised KV cache is the cache's business)
     scale = float(scale) if scale is not None else D ** -0.5
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, S, H, D) views
     if mask is not None and cp_group is None and torch.compiler.is_compiling():
@@ -445,12 +460,12 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
             # (cuDNN rebuilds its plan whenever Sk changes); auto falls back to the dense path
             out = flash_attn_with_kvcache(qt, kt, vt, softmax_scale=scale, causal=causal)
         else:
-            out = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=causal)
+            out = flash_attn_func(qt, kt, vt, softmax_scale=scale, causal=causal, quant=quant)
         return out.contiguous()
     if plan.kind == "segments":
-        return _segments_attention(qt, kt, vt, plan, scale, causal)
+        return _segments_attention(qt, kt, vt, plan, scale, causal, quant)
     grad = needs_grad(q, k, v)
-    if plan.kind == "kvcache" and not grad:
+    if plan.kind == "kvcache" and not grad and quant is None:  # a quantised prefill: the varlen path below
         # the lengths come from our own reading of the mask: no second device sync to check them
         return flash_attn_with_kvcache(qt, kt, vt, cache_seqlens=plan.cache_seqlens, softmax_scale=scale,
                                        causal=causal, check_values=False,
@@ -461,7 +476,7 @@ def attend(q, k, v, mask=None, causal: bool = True, scale: Optional[float] = Non
         qp = qt[plan.q_valid]  # (Tq, H, D)
         kp, vp = kt[plan.k_valid], vt[plan.k_valid]
         outp = flash_attn_varlen_func(qp, kp, vp, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
-                                      softmax_scale=scale, causal=causal)
+                                      softmax_scale=scale, causal=causal, quant=quant)
         out = qt.new_zeros(B, Sq, H, D)
         out[plan.q_valid] = outp
         return out
@@ -532,9 +547,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     tower and packed sequences) become one :func:`flash_attn_varlen_func` call; so do packed rows
     described by restarting text ``position_ids`` (no mask) or by a block-diagonal mask (see
     :func:`attend`)."""
+    if _MONITORS and _label_pending():  # qf.monitor(): label this layer's calls (kind, layer); off: one test
+        return _labelled(attention_forward, module, query, key, value, attention_mask, scaling, dropout, kwargs)
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     training = bool(getattr(module, "training", False))
+    # qf.enable(model, quant=...): quantised where no gradient is needed; training stays exact
+    quant = getattr(module, _QUANT_ATTR, None)
+    if quant is not None and needs_grad(query, key, value):
+        quant = None
     cu_q = kwargs.get("cu_seq_lens_q")
     if _output_attentions_requested(kwargs) or (dropout and training):
         why = "output_attentions=True" if _output_attentions_requested(kwargs) else "attention dropout"
@@ -559,10 +580,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
         q = query[0].transpose(0, 1)  # (T, H, D)
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)
-        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal)
+        out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
+                                     quant=quant)
         return out.unsqueeze(0), None
     out = attend(query, key, value, attention_mask, causal, scale, cp_group=getattr(module, _CP_ATTR, None),
-                 position_ids=kwargs.get("position_ids"))
+                 position_ids=kwargs.get("position_ids"), quant=quant)
     return out, None
 
 
@@ -726,15 +748,31 @@ def is_registered() -> bool:
     return _REGISTERED
 
 
-def enable(model, context_parallel=None):
+def enable(model, context_parallel=None, quant: Optional[str] = None):
     """Switch a loaded Qwen3-VL model (text decoder and vision tower) to our attention.
 
     Sets ``_attn_implementation`` on the model's config, its sub-configs and every submodule's
     config (bypassing 5.x's load-time check of names containing "flash"). ``context_parallel``:
     a process group (or anything :func:`qwen3vl_flash.parallel.context_parallel_attn` takes as
     ``group``); causal self-attention calls without padding then run context-parallel, each rank
-    holding its shard of the sequence. None (default) removes it. Returns ``model``.
+    holding its shard of the sequence. None (default) removes it.
+
+    ``quant``: None (default: exact attention; removes an earlier setting), ``"int8"`` or
+    ``"fp8"`` (docs/quantization.md): the vision tower and the text prefill run quantised
+    attention (``flash_attn_*(..., quant=quant)``). Kept per model, on its attention modules (two
+    models in one process can differ). Calls that need gradients (training) stay exact, as do
+    decode steps (at most ``DECODE_MAX_QUERIES`` queries against a longer history: a quantised
+    KV cache is a cache class's business), context-parallel calls, calls traced by torch.compile
+    and calls returning attention weights. Raises ValueError naming ``quant`` for an unknown mode
+    (listing the valid ones), a model whose parameters are not float16/bfloat16 (naming the
+    dtype), or ``"fp8"`` on a device without FP8 tensor cores (naming the device), before
+    changing anything. Returns ``model``.
+
+        model = qf.enable(model, quant="int8")
+        with torch.no_grad():
+            out = model.generate(**inputs)       # vision + prefill quantised, decode exact
     """
+    quant = _check_model_quant(model, quant)
     register()
     configs = []
     cfg = getattr(model, "config", None)
@@ -761,4 +799,41 @@ def enable(model, context_parallel=None):
                     delattr(mod, _CP_ATTR)
             else:
                 setattr(mod, _CP_ATTR, context_parallel)
+        if _is_attention_module(mod):
+            if quant is None:
+                if hasattr(mod, _QUANT_ATTR):
+                    delattr(mod, _QUANT_ATTR)
+            else:
+                setattr(mod, _QUANT_ATTR, quant)
     return model
+
+
+def _is_attention_module(mod) -> bool:
+    """A text attention layer (causal, q_proj, layer_idx) or a vision attention layer."""
+    if getattr(mod, "is_causal", False) and hasattr(mod, "layer_idx") and hasattr(mod, "q_proj"):
+        return True
+    return type(mod).__name__ in {clsname for _, clsname in _VISION_CLASSES}
+
+
+def _check_model_quant(model, quant) -> Optional[str]:
+    """Validate ``enable``'s ``quant`` against the model (mode, parameter dtype, fp8 devices)."""
+    if quant is None:
+        return None
+    from ..quant.quantize import FP8_MIN_CAPABILITY, QUANT_MODES
+
+    if not isinstance(quant, str) or quant not in QUANT_MODES:
+        raise ValueError(f"quant must be None or one of {QUANT_MODES}, got {quant!r}")
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    bad = next((p.dtype for p in params if p.dtype not in (torch.float16, torch.bfloat16)), None)
+    if bad is not None:
+        raise ValueError(f"quant={quant!r} needs a float16 or bfloat16 model (quantised attention takes 16-bit "
+                         f"inputs); its parameters include {bad}: call model.to(torch.bfloat16) first, or pass "
+                         "quant=None")
+    if quant == "fp8":
+        for dev in {p.device for p in params}:
+            cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+            if cap is None or tuple(cap) < FP8_MIN_CAPABILITY:
+                where = f"{dev} (compute capability {cap[0]}.{cap[1]})" if cap else str(dev)
+                raise ValueError(f"quant='fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9); "
+                                 f"the model is on {where}. Use quant='int8' there.")
+    return quant

@@ -12,6 +12,8 @@ from ..backends.base import AttnRequest, Backend, get_backend
 from ..conventions import needs_grad
 from ..hardware.profiles import profile_for_device
 from ..interface import _check_heads, _check_options, _check_same, _check_tensor, flash_attn_func
+from ..monitor import _ACTIVE as _MONITORS  # qf.monitor()
+from ..monitor import begin_call as _begin_call
 from .allgather import allgather_attn
 from .comm import CPTopology, resolve_topology, split_groups
 from .layout import check_layout, check_seqlen
@@ -176,6 +178,7 @@ def context_parallel_attn(
             return (out, lse) if return_lse else out
         return flash_attn_func(q, k, v, scale, causal, return_lse=return_lse, backend=backend)
     check_seqlen(S * W, W, layout, name="the global sequence length (S_local x world size)")
+    call = _begin_call("context_parallel_attn", q, k, v) if _MONITORS else None  # qf.monitor(): off, one test
     Hkv = k.shape[2]
     if mode == "auto":
         mode = choose_mode(H, Hkv, topo)
@@ -204,4 +207,6 @@ def context_parallel_attn(
             topo = split_groups(topo, wu)
         check_ulysses_heads(H, Hkv, topo.ulysses_size)
         out, lse = ulysses_attn(q, k, v, topo, be, scale, causal, layout)
+    if call is not None:
+        call.done_cp(be.name, backend, q, k, v, Hkv, causal, mode != "allgather")
     return (out, lse) if return_lse else out
