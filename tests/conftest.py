@@ -27,6 +27,12 @@ import os
 # backends load); on machines without CUDA the Triton tests run under it, as in CI.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A tuned profile the developer's own `qwen3vl-flash tune` wrote must not change what the suite
+# tests: point the cache at an empty folder (tests/test_tune.py points it at its own tmp dirs)
+import tempfile  # noqa: E402
+
+os.environ["QWEN3VL_FLASH_CACHE_DIR"] = tempfile.mkdtemp(prefix="qwen3vl-flash-test-cache-")
+os.environ.pop("QWEN3VL_FLASH_TUNED", None)
 
 import dataclasses
 import math

@@ -121,13 +121,23 @@ _SDPA_HIDES_NAN = pytest.mark.xfail(
     "lse 0 for a query row with a NaN: the NaN disappears")
 
 
-@pytest.mark.parametrize("backend", ["tiled", "eager", pytest.param("sdpa", marks=_SDPA_HIDES_NAN),
-                                     pytest.param("auto", marks=_SDPA_HIDES_NAN)])
-@pytest.mark.parametrize("return_lse", [True, False])
+_TRITON_LSE = pytest.mark.xfail(
+    strict=True, reason="FOUND_BUGS candidate: the Triton forward returns lse -inf (\"saw no key\") for a query "
+    "row with a NaN (out is NaN): a merge by lse (context parallelism) would drop the NaN")
+
+
+@pytest.mark.parametrize("backend,return_lse", [
+    ("tiled", True), ("tiled", False), ("eager", True), ("eager", False),
+    pytest.param("sdpa", True, marks=_SDPA_HIDES_NAN), pytest.param("sdpa", False, marks=_SDPA_HIDES_NAN),
+    pytest.param("auto", True, marks=_SDPA_HIDES_NAN), pytest.param("auto", False, marks=_SDPA_HIDES_NAN),
+    pytest.param("triton", True, marks=_TRITON_LSE), ("triton", False)])
 def test_nan_row_returns_nan(backend, return_lse):
     """What a row with a NaN returns (docs/reliability.md): a NaN in q[b, i, h] gives out[b, i, h, :]
-    all NaN (and lse[b, h, i] NaN); every other row is the clean run's, bit for bit."""
+    all NaN (and lse[b, h, i] NaN); every other row is the clean run's, bit for bit (non-causal:
+    with a mask, sdpa keeps the NaN)."""
     import qwen3vl_flash as qf
+
+    _skip_unavailable(backend)
 
     q, k, v = torch.randn(2, 9, 4, 16), torch.randn(2, 11, 2, 16), torch.randn(2, 11, 2, 16)
     bad = q.clone()

@@ -484,8 +484,10 @@ def test_typed_overrides_are_copies():
         base.triton.fwd = KernelTile(16, 16)
 
 
-def test_order_rules_are_profile_data():
-    """auto's order (per dtype, varlen) and the short-key rule for tiled come from the profile."""
+def test_order_rules_are_profile_data(monkeypatch):
+    """auto's order (per dtype, varlen) and the short-key rule for tiled come from the profile
+    (on a CPU whose 16-bit matmul is fast: the slow case is tests/test_cpu_lowp.py's)."""
+    monkeypatch.setenv("QWEN3VL_FLASH_CPU_LOWP", "fast")
     gpu = {"default": ("sdpa", "triton", "tiled", "eager"), "varlen": ("triton", "sdpa", "tiled", "eager")}
     for prof in PROFILES.values():
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

@@ -80,6 +80,12 @@ def _request(dtype, need_grad=False, S=512):
                        seqlen_k=S, causal=True, need_grad=need_grad)
 
 
+def _params(prof):
+    from qwen3vl_flash.backends.base import AttnParams
+
+    return AttnParams(1.0, profile=prof)
+
+
 def _tuned_file(cache) -> str:
     tuned = qf.tune(device="cpu", quick=True, progress=False)
     return tuned.source
@@ -196,7 +202,9 @@ def test_auto_uses_the_tuned_order_and_tiles(fake_timings, monkeypatch):
     assert prof.mode_orders["fwd"]["bfloat16"][0] == "tiled"
     assert prof.auto_order["default"] == shipped.auto_order["default"]  # dtypes not tuned: shipped
     assert choose_backend(_request(torch.float32), "auto", prof)[0].name == "tiled"
-    assert choose_backend(_request(torch.bfloat16), "auto", prof)[0].name == "sdpa"
+    # bf16: tiled won the forward, sdpa forward+backward: each mode gets its own order
+    assert choose_backend(_request(torch.bfloat16), "auto", prof)[0].name == "tiled"
+    assert choose_backend(_request(torch.bfloat16, need_grad=True), "auto", prof)[0].name == "sdpa"
     assert prof.auto_order["float32"][-1] == "eager"  # the shipped tail stays
 
     # a real auto call goes to tiled, with the tuned tiles
@@ -212,6 +220,8 @@ def test_auto_uses_the_tuned_order_and_tiles(fake_timings, monkeypatch):
     q, k, v = make_qkv(1, 300, 300, 4, 2, 32)
     out = qf.flash_attn_func(q, k, v, causal=True)
     assert seen == [(prof.name, 32, 16)]
+    assert tiled._blocks(_params(prof), 32, torch.float32) == (16, 32)  # the tuned blocks of the dtype
+    assert tiled._blocks(_params(prof), 32, torch.bfloat16) == (32, 16)
     ref, low = reference_triplet(q, k, v, causal=True)
     assert_close_to_ref(out, ref["out"], low["out"])
 

@@ -175,7 +175,7 @@ def choose_backend(req: AttnRequest, backend: str, profile: TileProfile) -> List
         if reason is not None:
             raise ValueError(f"backend={name!r} cannot run this call: {reason}")
         return [be]
-    order = profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k)  # data and rule: the profile's
+    order = profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k, need_grad=req.need_grad)  # the profile's
     chosen = [be for be in map(get_backend, order) if be.check(req) is None]
     if not chosen:  # eager serves everything, so this only happens for a broken install
         raise RuntimeError(f"no backend can run this call ({req})")
@@ -231,7 +231,7 @@ def _execute(q, k, v, p: AttnParams, backend: str, need_lse: bool, seqlen_q: int
             continue
         if call is not None:  # the skip reasons are worked out only now, and only while monitoring
             reason = None if explicit else _auto_reasons(
-                req, p.profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k), be.name, call)
+                req, p.profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k, need_grad=req.need_grad), be.name, call)
             call.done(be.name, reason, getattr(p, "quant", None))
         return res
     raise AssertionError("unreachable")

@@ -477,7 +477,7 @@ def kvcache_backend(fused_be, q, k_cache, v_cache, p, backend: str, return_lse: 
     reason = None
     if backend == "auto" and (os.environ.get(ENV_BACKEND, "auto") or "auto") == "auto":
         req = _request(q, k_cache, p, return_lse, q.shape[1], smax, v_cache)
-        order = p.profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k)
+        order = p.profile.order_for(req.dtype, req.varlen, seqlen_k=req.seqlen_k, need_grad=req.need_grad)
         parts = []
         candidates = {be.name for be in choose_backend(req, "auto", p.profile)}
         for name in order:

@@ -518,14 +518,15 @@ class TiledBackend(Backend):
         return None  # any device, any float dtype, every feature
 
     @staticmethod
-    def _blocks(p: AttnParams, D: int) -> Tuple[int, int]:
+    def _blocks(p: AttnParams, D: int, dtype: Optional[torch.dtype] = None) -> Tuple[int, int]:
         prof = p.profile
         bm = getattr(prof, "block_m", 256) or 256
         bn = getattr(prof, "block_n", 512) or 512
-        return bm, bn
+        tuned = getattr(prof, "tiled_blocks", {}) if dtype is not None else {}
+        return tuple(tuned.get(str(dtype).replace("torch.", ""), (bm, bn)))  # a tuned profile's, per dtype
 
     def forward(self, q, k, v, p: AttnParams):
-        bm, bn = self._blocks(p, q.shape[-1])
+        bm, bn = self._blocks(p, q.shape[-1], q.dtype)
         if not p.varlen:
             return _forward_core(q, k, v, p.softmax_scale, p.causal, p.window_size, bm, bn)
         out = torch.zeros_like(q)
@@ -541,7 +542,7 @@ class TiledBackend(Backend):
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, p: AttnParams):
-        bm, bn = self._blocks(p, q.shape[-1])
+        bm, bn = self._blocks(p, q.shape[-1], q.dtype)
         if not p.varlen:
             return _backward_core(dout, q, k, v, out, lse, p.softmax_scale, p.causal, p.window_size, bm, bn)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

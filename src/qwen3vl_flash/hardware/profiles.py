@@ -305,8 +305,11 @@ class TileProfile:
     def replace(self, **changes) -> TileProfile:
         return dataclasses.replace(self, **changes)
 
-    def order_for(self, dtype: torch.dtype, varlen: bool = False, seqlen_k: Optional[int] = None) -> Tuple[str, ...]:
-        """Backends ``auto`` tries, first to last: ``auto_order``'s for the dtype ("varlen" for a
+    def order_for(self, dtype: torch.dtype, varlen: bool = False, seqlen_k: Optional[int] = None,
+                  need_grad: Optional[bool] = None) -> Tuple[str, ...]:
+        """Backends ``auto`` tries, first to last: a tuned profile's order for the call's mode
+        (``mode_orders["fwd+bwd" if need_grad else "fwd"]``, when ``need_grad`` is given and the
+        mode was tuned for the dtype), else ``auto_order``'s for the dtype ("varlen" for a
         packed call where given, else "default"). A 16-bit call on a CPU whose 16-bit matmul is
         slow (``cpu_lowp_matmul``, ``$QWEN3VL_FLASH_CPU_LOWP``, else measured once per process:
         :mod:`~qwen3vl_flash.hardware.cpu_probe`) puts ``tiled`` first, which then computes in
@@ -315,12 +318,17 @@ class TileProfile:
         ``tiled`` moves behind the others (but before a last ``eager``). Raises ValueError for a
         ``cpu_lowp_matmul`` other than "measure", "fast", "slow"."""
         name = str(dtype).replace("torch.", "")
-        if varlen and "varlen" in self.auto_order:
+        tuned = None
+        if need_grad is not None and not varlen:
+            tuned = self.mode_orders.get("fwd+bwd" if need_grad else "fwd", {}).get(name)
+        if tuned:
+            order = tuned
+        elif varlen and "varlen" in self.auto_order:
             order = self.auto_order["varlen"]
         else:
             order = self.auto_order.get(name, self.auto_order["default"])
         if (self.device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and name not in self.auto_order
-                and "tiled" in order and order[0] != "tiled"):
+                and not tuned and "tiled" in order and order[0] != "tiled"):
             from . import cpu_probe
 
             if cpu_probe.lowp_matmul_is_slow(dtype, self.cpu_lowp_matmul):
