@@ -126,10 +126,6 @@ class Case:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    @property
-    def capacity(self) -> int:
-        return self.Smax
-
     def elements(self) -> int:
         """What the case costs: max(score elements, input elements), the reference's work."""
         if self.kind == "varlen":
@@ -1106,15 +1102,11 @@ def _m_varlen_tokens(args, rng, case):
     return ["v"]
 
 
-def _cap(case):
-    return case.Smax
-
-
 def _m_overflow(args, rng, case):
     if case.seqlens_as == "none" and args["k"] is None:
         return None
     snew = args["k"].shape[1] if args["k"] is not None else 0
-    bad = _cap(case) - snew + rng.randint(1, 5)
+    bad = case.Smax - snew + rng.randint(1, 5)
     if case.seqlens_as == "int" or rng.random() < 0.2:
         args["cache_seqlens"] = bad
     else:
@@ -1309,7 +1301,8 @@ def check_bad(case: Case, cls_name: str, backend: str = "auto", device="cpu") ->
     except (ValueError, TypeError) as e:
         msg = str(e)
         if not any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", msg) for n in names):
-            raise CaseFailure("message", f"{cls_name}: {type(e).__name__} does not name any of {names}: {msg!r}")
+            raise CaseFailure("message",
+                              f"{cls_name}: {type(e).__name__} does not name any of {names}: {msg!r}") from None
         try:
             _check_unchanged(snap)
         except CaseFailure as f:
@@ -1374,7 +1367,9 @@ def check_nan_isolation(backend: str, rng: random.Random, kind: str = "dense", v
         b = rng.randrange(B)
         i = rng.randrange(Sq if where == "q" else Sk)
         q_rows = k_rows = (slice(b, b + 1),)
-        call = lambda q_, k_, v_: qf.flash_attn_func(q_, k_, v_, causal=causal, return_lse=True, backend=backend)
+        def call(q_, k_, v_):
+            return qf.flash_attn_func(q_, k_, v_, causal=causal, return_lse=True, backend=backend)
+
         pos = (b, i)
     else:
         N = 3
@@ -1387,8 +1382,10 @@ def check_nan_isolation(backend: str, rng: random.Random, kind: str = "dense", v
         cqs, cks = cq.tolist(), ck.tolist()
         i = rng.randrange(cqs[s], cqs[s + 1]) if where == "q" else rng.randrange(cks[s], cks[s + 1])
         q_rows, k_rows = (slice(cqs[s], cqs[s + 1]),), (slice(cks[s], cks[s + 1]),)
-        call = lambda q_, k_, v_: qf.flash_attn_varlen_func(q_, k_, v_, cq, ck, max(lq), max(lk), causal=causal,
-                                                            return_lse=True, backend=backend)
+        def call(q_, k_, v_):
+            return qf.flash_attn_varlen_func(q_, k_, v_, cq, ck, max(lq), max(lk), causal=causal, return_lse=True,
+                                             backend=backend)
+
         pos = (i,)
     h = rng.randrange(H if where == "q" else Hkv)
     hk = h // g if where == "q" else h
@@ -1591,7 +1588,8 @@ def _parse(argv):
     p.add_argument("--dtype", default=None, help="comma-separated dtypes (default: every dtype the backend takes)")
     p.add_argument("--kinds", default="dense,varlen,kvcache")
     p.add_argument("--max-elems", type=int, default=None,
-                   help=f"cap on a case's elements (default {DEFAULT_MAX_ELEMS}; {TRITON_CPU_MAX_ELEMS} for triton on CPU)")
+                   help=f"cap on a case's elements (default {DEFAULT_MAX_ELEMS}; "
+                        f"{TRITON_CPU_MAX_ELEMS} for triton on CPU)")
     p.add_argument("--bad", action="store_true", help="malformed calls instead of valid ones")
     p.add_argument("--nan", action="store_true", help="NaN/Inf isolation draws instead of valid calls")
     p.add_argument("--determinism", type=int, default=0, metavar="RUNS",
