@@ -222,3 +222,20 @@ def test_auto_falls_back_when_the_fused_decode_path_fails(monkeypatch, caplog):
         assert (out2[b : b + 1] - ref).abs().max() < 1e-5
     with pytest.raises(RuntimeError, match="simulated"):
         qf.flash_attn_with_kvcache(q, kc, vc, None, None, lens, backend="sdpa")
+
+
+@pytest.mark.parametrize("backend", ["tiled", "sdpa", "eager"])
+def test_paged_unused_block_table_entries_are_never_read(backend):
+    """Block-table entries past a row's used pages may hold anything (flash-attn's contract; the
+    validation checks only the used ones): the generic paged path must not gather them
+    (FOUND_BUGS: it raised IndexError for an entry past the pages; the fuzzer's reliability.md #9)."""
+    kc, vc = torch.randn(4, 4, 2, 16), torch.randn(4, 4, 2, 16)
+    q = torch.randn(2, 1, 2, 16)
+    lens = torch.tensor([3, 6], dtype=torch.int32)
+    table = torch.tensor([[1, 99, -5], [2, 0, 77]], dtype=torch.int32)  # row 0 uses 1 page, row 1 uses 2
+    out = qf.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, backend=backend)
+    rows = [(kc[1, :3], vc[1, :3]), (torch.cat([kc[2], kc[0]])[:6], torch.cat([vc[2], vc[0]])[:6])]
+    for b, (kb, vb) in enumerate(rows):
+        ref = qf.flash_attn_func(q[b:b + 1].double(), kb[None].double(), vb[None].double(), causal=True, backend="eager")
+        low = qf.flash_attn_func(q[b:b + 1], kb[None], vb[None], causal=True, backend="eager")
+        assert_close_to_ref(out[b:b + 1], ref, low)

@@ -889,10 +889,15 @@ def _paged_kvcache_fallback(q, k_cache, v_cache, k, v, cache_seqlens, block_tabl
             _write_rows(k_cache, k_scale, (page, pos % page_size), k)
             _write_rows(v_cache, v_scale, (page, pos % page_size), v)
             cache_seqlens = cache_seqlens + k.shape[1]
-        kc = _take(k_cache, block_table.long()).reshape(B, -1, Hkv, D)
-        vc = _take(v_cache, block_table.long()).reshape(B, -1, Hkv, D)
+        # entries past a row's used pages are never read, and validation leaves them unchecked
+        # (flash-attn's contract): gather page 0 there instead of whatever they hold
+        used = (cache_seqlens.long() + page_size - 1) // page_size  # (B,)
+        pages = torch.arange(block_table.shape[1], device=block_table.device)
+        table = torch.where(pages[None, :] < used[:, None], block_table.long(), 0)
+        kc = _take(k_cache, table).reshape(B, -1, Hkv, D)
+        vc = _take(v_cache, table).reshape(B, -1, Hkv, D)
         if k_scale is not None:
-            scales = {"k_scale": k_scale[block_table.long()].reshape(B, -1, Hkv),
-                      "v_scale": v_scale[block_table.long()].reshape(B, -1, Hkv)}
+            scales = {"k_scale": k_scale[table].reshape(B, -1, Hkv),
+                      "v_scale": v_scale[table].reshape(B, -1, Hkv)}
     return flash_attn_with_kvcache(q, kc, vc, None, None, cache_seqlens, scale, causal, backend, window, return_lse,
                                    **scales)
