@@ -34,6 +34,13 @@ import tempfile  # noqa: E402
 os.environ["QWEN3VL_FLASH_CACHE_DIR"] = tempfile.mkdtemp(prefix="qwen3vl-flash-test-cache-")
 os.environ.pop("QWEN3VL_FLASH_TUNED", None)
 
+# Under the interpreter, fp32 -> bf16 casts round to nearest even as on the GPU (the interpreter
+# itself truncates: qwen3vl_flash/testing/interp.py; tests/test_interp.py keeps that honest)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from qwen3vl_flash.testing import interp as _interp  # noqa: E402
+
+    _interp.install()
+
 import dataclasses
 import math
 import os

@@ -679,9 +679,18 @@ def _check_kvcache(case: Case, backend: str, device) -> None:
     _check_empty_rows(out, ref["lse"], None, True)
 
 
+def _gpu_rounding_under_interpreter(backend: str) -> None:
+    """Under Triton's interpreter, round fp32 -> bf16 as the GPU does (:mod:`.interp`)."""
+    if backend in ("triton", "auto") and os.environ.get("TRITON_INTERPRET") == "1":
+        from qwen3vl_flash.testing import interp
+
+        interp.install()
+
+
 def check_case(case: Case, backend: str = "auto", device="cpu") -> None:
     """Run ``case`` on ``backend`` and check it (see the module docstring); raises
     :class:`CaseFailure`, also for any exception the call raises."""
+    _gpu_rounding_under_interpreter(backend)
     try:
         if case.kind == "kvcache":
             _check_kvcache(case, backend, device)
@@ -1479,6 +1488,7 @@ def run(backend: str, cases: int, seed: int, dtypes: Optional[Sequence[str]] = N
     i draws from ``case_seed(seed, i)``. Stops after ``max_failures`` failures or ``time_limit``
     seconds; only the first ``shrink_first`` failures are shrunk. Returns a summary dict (counts per
     kind-dtype / class, failures with their snippets)."""
+    _gpu_rounding_under_interpreter(backend)
     dtypes = list(dtypes) if dtypes else backend_dtypes(backend, device)
     if not dtypes:
         raise ValueError(f"backend={backend!r} takes none of the float dtypes on {device}")
