@@ -246,3 +246,145 @@ def run(rank: int, world: int, init_file: str, out_dir: str, cases) -> None:
         dist.destroy_process_group()
     # skip the interpreter's slow teardown of torch (seconds per process on 2 busy cores)
     os._exit(0)
+
+
+# --------------------------------------------------------------------------------------------
+# tests/test_parallel_faults.py (issue 15): one rank fails, every rank must raise, none may hang
+# --------------------------------------------------------------------------------------------
+
+
+class _FailingKernel:
+    """A Backend (tiled inside) whose ``phase`` call number ``step + 1`` raises on one rank: the
+    local attention kernel failing inside ring step ``step`` (with causal zigzag every step
+    calls the kernel once). Built lazily so that importing this module stays cheap."""
+
+    def __new__(cls, phase: str, step: int, fail: bool):
+        from qwen3vl_flash.backends.base import Backend, get_backend
+
+        tiled = get_backend("tiled")
+        calls = {"forward": 0, "backward": 0}
+
+        class Failing(Backend):
+            name = "failing-tiled"
+
+            def check(self, req):
+                return None
+
+            def _tick(self, which):
+                calls[which] += 1
+                if fail and which == phase and calls[which] == step + 1:
+                    raise RuntimeError(f"simulated kernel failure ({which} call {calls[which]})")
+
+            def forward(self, q, k, v, p):
+                self._tick("forward")
+                return tiled.forward(q, k, v, p)
+
+            def backward(self, dout, q, k, v, out, lse, p):
+                self._tick("backward")
+                return tiled.backward(dout, q, k, v, out, lse, p)
+
+        return Failing()
+
+
+def _fault_case(c, rank: int, world: int):
+    """Run one case of tests/test_parallel_faults.py on this rank; returns what it raised (or
+    the differences from the single-process reference for a valid call)."""
+    from qwen3vl_flash import flash_attn_func
+    from qwen3vl_flash.parallel import context_parallel_attn, shard, unshard
+
+    B, S, H, Hkv, D = c.get("B", 1), c.get("S", 8 * world), c.get("H", 4), c.get("Hkv", 2), c.get("D", 8)
+    bad = c.get("bad_rank", -1) % world if "bad_rank" in c else -1
+    me_bad = rank == bad
+    kind = c["kind"]
+    gen = torch.Generator().manual_seed(zlib.crc32(c["name"].encode()))
+    q, k, v, dout = (torch.randn(B, S, h, D, generator=gen, dtype=torch.float64) for h in (H, Hkv, Hkv, H))
+    ql, kl, vl, dl = (shard(t, 1) for t in (q, k, v, dout))
+    backend = "tiled"
+    hook_set = False
+    if kind == "bad_local" and me_bad:  # k/v with another head_dim than q: the local validation fails
+        kl, vl = (torch.randn(B, S // world, Hkv, D + 8, dtype=torch.float64) for _ in range(2))
+    elif kind == "mismatch_dtype" and me_bad:  # locally valid, but not what the other ranks pass
+        ql, kl, vl, dl = (t.float() for t in (ql, kl, vl, dl))
+    elif kind == "mismatch_heads" and me_bad:
+        kl, vl = (t[:, :, : Hkv // 2].contiguous() for t in (kl, vl))
+    elif kind == "kernel":
+        backend = _FailingKernel(c["phase"], c["step"], me_bad)
+    elif kind == "hook":
+        from qwen3vl_flash.parallel import faults
+
+        def hook(cp_rank, step, phase):
+            if cp_rank == bad and step == c["step"] and phase == c["phase"]:
+                raise torch.OutOfMemoryError(
+                    f"simulated allocation failure: CUDA out of memory (rank {cp_rank}, {phase} step {step})")
+
+        faults._FAULT_HOOK = hook
+        hook_set = True
+    elif kind == "unposted" and me_bad:  # the receive buffers' allocation fails: nothing of the step is posted
+        from qwen3vl_flash.parallel.comm import RingComm
+
+        def send_recv(self, xs, outs=None):
+            raise torch.OutOfMemoryError("simulated allocation failure of the receive buffers")
+
+        RingComm.send_recv = send_recv  # this process only; its last case (the group is left unmatched)
+    env = {} if kind != "valid" or "env" not in c else c["env"]
+    old_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    grad = c.get("backward", False)
+    ql, kl, vl = (t.requires_grad_(grad) for t in (ql, kl, vl))
+    try:
+        out = context_parallel_attn(ql, kl, vl, causal=True, mode=c.get("mode", "ring"), backend=backend)
+        if grad:
+            dq, dk, dv = torch.autograd.grad(out, (ql, kl, vl), dl)
+    finally:
+        if hook_set:
+            faults._FAULT_HOOK = None
+        for name, val in old_env.items():
+            if val is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = val
+    res = {"raised": False}
+    if kind == "valid":
+        qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+        ref = flash_attn_func(qr, kr, vr, causal=True, backend="tiled")
+        grads = torch.autograd.grad(ref, (qr, kr, vr), dout)
+        res["out"] = _maxdiff(unshard(out.detach(), 1), ref.detach())
+        for name, mine, full in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+            res[name] = _maxdiff(mine, shard(full, 1))
+    return res
+
+
+def run_faults(rank: int, world: int, init_file: str, out_dir: str, cases, pg_timeout_s: float) -> None:
+    """Every case on this rank, one after the other on one process group (so a later case also
+    shows that an earlier fault left the group usable). Each case's report is written to
+    ``<out_dir>/<case>.rank<r>.json`` as soon as it is known, so the parent sees how far a hung
+    run got."""
+    torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=pg_timeout_s))
+    try:
+        for c in cases:
+            t0 = time.time()
+            try:
+                res = _fault_case(c, rank, world)
+            except Exception as e:  # what the test asserts on
+                cause = e.__cause__
+                res = {"raised": True, "type": type(e).__name__, "mro": [t.__name__ for t in type(e).__mro__],
+                       "message": str(e), "cause_type": type(cause).__name__ if cause is not None else None,
+                       "traceback": traceback.format_exc()[-3000:]}
+            res["seconds"] = round(time.time() - t0, 3)
+            with open(os.path.join(out_dir, f"{c['name']}.rank{rank}.json"), "w") as f:
+                json.dump(res, f)
+    finally:
+        with open(os.path.join(out_dir, f"done.rank{rank}"), "w") as f:
+            f.write("done")
+        # stay alive until every rank is done (a file, not a collective): a rank that exited early
+        # would close its connections and so release a peer stuck in a receive, which a live but
+        # failed rank (one that caught its error, or any rank on NCCL) does not do
+        deadline = time.time() + pg_timeout_s + 30
+        while time.time() < deadline and not all(
+                os.path.exists(os.path.join(out_dir, f"done.rank{r}")) for r in range(world)):
+            time.sleep(0.05)
+    # no destroy_process_group (it may wait on a peer that is stuck) and no slow torch teardown
+    os._exit(0)

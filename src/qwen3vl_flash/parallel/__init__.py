@@ -7,11 +7,12 @@ GPUs, gloo on CPU), with the same outputs and gradients as one device.
     out = unshard(out_l, seq_dim=1)
 
 Modules: ``layout`` (shard/unshard), ``comm`` (groups, ring transport, all-to-all), ``merge``
-(the lse merge), ``ring``, ``ulysses`` (and hybrid), ``allgather`` (a baseline), ``api``.
-See docs/parallel.md.
+(the lse merge), ``ring``, ``ulysses`` (and hybrid), ``allgather`` (a baseline), ``faults`` (every
+rank raises when one fails, never a hang), ``api``. See docs/parallel.md.
 """
 
 from .api import MODES, choose_kernel, choose_mode, context_parallel_attn
+from .faults import ContextParallelError, ContextParallelInputError
 from .layout import LAYOUTS, chunk_ids, shard, unshard
 from .merge import merge_attn_outputs
 
@@ -25,4 +26,6 @@ __all__ = [
     "chunk_ids",
     "MODES",
     "LAYOUTS",
+    "ContextParallelError",
+    "ContextParallelInputError",
 ]

@@ -11,12 +11,13 @@ With causal masks the bottom-right alignment does the work: a query chunk that s
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..backends.base import Backend
 from .comm import CPTopology, all_gather_seq, reduce_scatter_seq
+from .faults import FaultGuard
 from .layout import chunk_ids, num_chunks
 from .ring import ring_attn
 
@@ -54,17 +55,21 @@ class _GatherSeq(torch.autograd.Function):
 
 
 def allgather_attn(q, k, v, topo: CPTopology, be: Backend, scale: float, causal: bool,
-                   layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                   layout: str, guard: Optional[FaultGuard] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``guard``: the fault agreement over ``topo`` (by default a new one), run after each local
+    attention call, forward and backward."""
+    if guard is None:
+        guard = FaultGuard.for_topology(topo)
     W, r = topo.world_size, topo.shard_index
     kf = _GatherSeq.apply(k, topo, layout)  # (B, S, Hkv, D)
     vf = _GatherSeq.apply(v, topo, layout)
     if not causal:
-        return ring_attn(q, kf, vf, be, scale, False, layout)
+        return ring_attn(q, kf, vf, be, scale, False, layout, guard=guard)
     n = q.shape[1] // (2 if layout == "zigzag" else 1)
     outs, lses = [], []
     for i, cid in enumerate(chunk_ids(W, r, layout)):
         end = (cid + 1) * n  # keys [0, end) are visible to this chunk (bottom-right causal)
-        o, l = ring_attn(q[:, i * n:(i + 1) * n], kf[:, :end], vf[:, :end], be, scale, True, layout)
+        o, l = ring_attn(q[:, i * n:(i + 1) * n], kf[:, :end], vf[:, :end], be, scale, True, layout, guard=guard)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)

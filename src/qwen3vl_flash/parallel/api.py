@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Union
 
@@ -16,6 +15,7 @@ from ..monitor import _ACTIVE as _MONITORS  # qf.monitor()
 from ..monitor import begin_call as _begin_call
 from .allgather import allgather_attn
 from .comm import CPTopology, resolve_topology, split_groups
+from .faults import FaultGuard, input_codes, resolved_scale
 from .layout import check_layout, check_seqlen
 from .ring import ring_attn
 from .ulysses import check_ulysses_heads, ulysses_attn, ulysses_supported
@@ -150,63 +150,91 @@ def context_parallel_attn(
         ValueError/TypeError for bad tensors (as flash_attn_func), an unknown mode or layout, a
         local length that does not fit the layout (zigzag needs an even S_local, i.e. a global
         length that is a multiple of 2W), or heads that the chosen mode cannot split.
+
+        With several ranks, on every rank when any rank fails (issue 15; docs/parallel.md, "What
+        happens when a rank fails"): the failing rank raises its own error again (same type, rank
+        and step named, chained from the original); the others raise
+        :class:`~qwen3vl_flash.parallel.ContextParallelError` (a RuntimeError) naming the failing
+        rank, or :class:`~qwen3vl_flash.parallel.ContextParallelInputError` (also a ValueError)
+        when a rank's inputs are malformed or differ from the other ranks' (dtype, shapes, heads,
+        causal, layout, mode, scale, whether a backward runs). Checked before any collective, and
+        after each ring step's local work (``QWEN3VL_FLASH_CP_STEP_CHECK=0`` skips the per-step
+        check).
     """
-    _check_tensor("q", q, 4, "(B, S_local, H, D)")
-    _check_tensor("k", k, 4, "(B, S_local, Hkv, D)")
-    _check_tensor("v", v, 4, "(B, S_local, Hkv, D)")
-    _check_same(q, [("k", k), ("v", v)])
-    _check_heads(q, k, v)
-    _check_options(softmax_scale, causal, (-1, -1), return_lse, "auto")
-    B, S, H, D = q.shape
-    for name, x in (("k", k), ("v", v)):
-        if x.shape[0] != B or x.shape[1] != S:
-            raise ValueError(
-                f"{name} must be a shard of the same positions as q: (B, S_local) = ({B}, {S}), "
-                f"got {tuple(x.shape[:2])}"
-            )
-    check_layout(layout)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(backend, (str, Backend)):
-        raise TypeError(f"backend must be a string such as 'auto' or a Backend, got {type(backend).__name__}")
     topo: CPTopology = resolve_topology(group)
     W = topo.world_size
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    guard = FaultGuard.for_topology(topo)  # None: one process (or no torch.distributed)
+    err = codes = None
+    wu = 1
+    try:  # every local check; with a guard, the ranks then agree on the result before any collective
+        _check_tensor("q", q, 4, "(B, S_local, H, D)")
+        _check_tensor("k", k, 4, "(B, S_local, Hkv, D)")
+        _check_tensor("v", v, 4, "(B, S_local, Hkv, D)")
+        _check_same(q, [("k", k), ("v", v)])
+        _check_heads(q, k, v)
+        _check_options(softmax_scale, causal, (-1, -1), return_lse, "auto")
+        B, S, H, D = q.shape
+        for name, x in (("k", k), ("v", v)):
+            if x.shape[0] != B or x.shape[1] != S:
+                raise ValueError(
+                    f"{name} must be a shard of the same positions as q: (B, S_local) = ({B}, {S}), "
+                    f"got {tuple(x.shape[:2])}"
+                )
+        check_layout(layout)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(backend, (str, Backend)):
+            raise TypeError(f"backend must be a string such as 'auto' or a Backend, got {type(backend).__name__}")
+        scale = resolved_scale(softmax_scale, D)
+        if W > 1:
+            check_seqlen(S * W, W, layout, name="the global sequence length (S_local x world size)")
+            Hkv = k.shape[2]
+            if mode == "auto":
+                mode = choose_mode(H, Hkv, topo)
+            be = choose_kernel(q, Hkv, causal, backend, square=mode != "allgather", k=k, v=v)
+            if mode in ("ring", "ulysses", "allgather") and (topo.two_dim or topo.flat_group is None):
+                raise ValueError(f"mode={mode!r} needs one flat process group; a 2-D group runs mode='hybrid'")
+            if mode == "ulysses":
+                check_ulysses_heads(H, Hkv, W)
+            elif mode == "hybrid":
+                if not topo.two_dim and topo.flat_group is not None:  # a flat group is split below
+                    wu = _hybrid_degree(H, Hkv, W, proper=True)
+                    if wu == 1:
+                        raise ValueError(
+                            f"mode='hybrid' found no Ulysses degree strictly between 1 and {W} that divides the "
+                            f"world size, splits {H} query / {Hkv} kv heads and fits in LOCAL_WORLD_SIZE"
+                        )
+                else:
+                    wu = topo.ulysses_size
+                check_ulysses_heads(H, Hkv, wu)
+            if guard is not None:
+                codes = input_codes(q, k, causal, layout, mode, wu, scale, needs_grad(q, k, v))
+    except Exception as e:  # with peers, they must hear of it first (agree_inputs raises it)
+        if guard is None:
+            raise
+        err = e
+    if guard is not None:  # one all-reduce of W x 13 int64; raises on every rank if any rank failed
+        guard.agree_inputs(err, codes)
     if W == 1:
         if isinstance(backend, Backend):
             out, lse = ring_attn(q, k, v, backend, scale, causal, layout)
             return (out, lse) if return_lse else out
         return flash_attn_func(q, k, v, scale, causal, return_lse=return_lse, backend=backend)
-    check_seqlen(S * W, W, layout, name="the global sequence length (S_local x world size)")
     call = _begin_call("context_parallel_attn", q, k, v) if _MONITORS else None  # qf.monitor(): off, one test
-    Hkv = k.shape[2]
-    if mode == "auto":
-        mode = choose_mode(H, Hkv, topo)
-    be = choose_kernel(q, Hkv, causal, backend, square=mode != "allgather", k=k, v=v)
-    if mode in ("ring", "ulysses", "allgather") and (topo.two_dim or topo.flat_group is None):
-        raise ValueError(f"mode={mode!r} needs one flat process group; a 2-D group runs mode='hybrid'")
     if mode == "ring":
         out, lse = ring_attn(q, k, v, be, scale, causal, layout, topo.flat_group, W, topo.shard_index)
     elif mode == "allgather":
-        out, lse = allgather_attn(q, k, v, topo, be, scale, causal, layout)
+        out, lse = allgather_attn(q, k, v, topo, be, scale, causal, layout, guard=guard)
     elif mode == "ulysses":
-        check_ulysses_heads(H, Hkv, W)
         flat = CPTopology(
             world_size=W, shard_index=topo.shard_index, ulysses_size=W, ulysses_rank=topo.shard_index,
             ulysses_group=topo.flat_group, flat_group=topo.flat_group,
         )
-        out, lse = ulysses_attn(q, k, v, flat, be, scale, causal, layout)
+        out, lse = ulysses_attn(q, k, v, flat, be, scale, causal, layout, guard=guard)
     else:  # hybrid
         if not topo.two_dim and topo.flat_group is not None:  # split a flat group: rings of Ulysses groups
-            wu = _hybrid_degree(H, Hkv, W, proper=True)
-            if wu == 1:
-                raise ValueError(
-                    f"mode='hybrid' found no Ulysses degree strictly between 1 and {W} that divides the world "
-                    f"size, splits {H} query / {Hkv} kv heads and fits in LOCAL_WORLD_SIZE"
-                )
             topo = split_groups(topo, wu)
-        check_ulysses_heads(H, Hkv, topo.ulysses_size)
-        out, lse = ulysses_attn(q, k, v, topo, be, scale, causal, layout)
+        out, lse = ulysses_attn(q, k, v, topo, be, scale, causal, layout, guard=guard)
     if call is not None:
         call.done_cp(be.name, backend, q, k, v, Hkv, causal, mode != "allgather")
     return (out, lse) if return_lse else out

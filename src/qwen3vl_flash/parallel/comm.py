@@ -15,12 +15,14 @@ holds shard ``i * Wu + u``. For a plain group that is the rank in the group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["CPTopology", "RingComm", "resolve_topology", "all_to_all_4d", "all_gather_seq", "split_groups"]
+__all__ = ["CPTopology", "RingComm", "resolve_topology", "all_to_all_4d", "all_gather_seq", "split_groups",
+           "group_timeout"]
 
 
 def dist_active() -> bool:
@@ -47,6 +49,23 @@ class CPTopology:
 
 
 _SINGLE = CPTopology(world_size=1, shard_index=0)
+
+
+def group_timeout(group) -> Optional[timedelta]:
+    """The timeout ``group``'s collectives run under (``init_process_group(timeout=...)``, or
+    ``new_group``'s), for the groups we create from it; None when torch does not say (then the
+    default group's, and failing that torch's default)."""
+    for g in (group, dist.group.WORLD if dist_active() else None):
+        if g is None:
+            continue
+        try:
+            for dev in list(getattr(g, "_device_types", ())) or [torch.device("cpu")]:
+                t = getattr(getattr(g._get_backend(torch.device(dev)), "options", None), "_timeout", None)
+                if isinstance(t, timedelta):
+                    return t
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            continue
+    return None
 
 
 def _group_info(g) -> Tuple[int, int]:
@@ -110,8 +129,9 @@ def split_groups(topo: CPTopology, ulysses_size: int) -> CPTopology:
     """Split a flat topology into rings of ``W / ulysses_size`` ranks across and Ulysses groups of
     ``ulysses_size`` consecutive ranks inside (shard ``i * Wu + u`` stays on the same rank).
 
-    Sub-groups are created once per (ranks, size) and cached; every rank of the flat group must
-    call this with the same arguments (it is collective, like ``new_group``)."""
+    Sub-groups are created once per (ranks, size) and cached, with the flat group's timeout (not
+    ``new_group``'s default of 30 minutes); every rank of the flat group must call this with the
+    same arguments (it is collective, like ``new_group``)."""
     if topo.flat_group is None:
         raise ValueError("cannot re-split a topology that is already two-dimensional")
     W, wu = topo.world_size, ulysses_size
@@ -122,16 +142,17 @@ def split_groups(topo: CPTopology, ulysses_size: int) -> CPTopology:
     key = (id(topo.flat_group), ranks, wu)  # a re-initialised process group gets new sub-groups
     if key not in _SPLIT_CACHE:
         me = ranks[topo.shard_index]
+        timeout = group_timeout(topo.flat_group)
         ring_g = uly_g = None
         # only members create each sub-group (use_local_synchronization), in the same order everywhere
         for i in range(wr):
             members = [ranks[i * wu + u] for u in range(wu)]
             if me in members:
-                uly_g = dist.new_group(members, use_local_synchronization=True)
+                uly_g = dist.new_group(members, timeout=timeout, use_local_synchronization=True)
         for u in range(wu):
             members = [ranks[i * wu + u] for i in range(wr)]
             if me in members:
-                ring_g = dist.new_group(members, use_local_synchronization=True)
+                ring_g = dist.new_group(members, timeout=timeout, use_local_synchronization=True)
         _SPLIT_CACHE[key] = (ring_g, uly_g)
     ring_g, uly_g = _SPLIT_CACHE[key]
     i, u = divmod(topo.shard_index, wu)

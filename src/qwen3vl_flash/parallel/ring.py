@@ -33,6 +33,7 @@ from ..conventions import needs_grad
 from ..hardware.profiles import profile_for_device
 from ..reference import lse_dtype
 from .comm import RingComm
+from .faults import FaultGuard, fault_point
 from .merge import merge_attn_outputs_
 
 __all__ = ["ring_attn", "block_plan"]
@@ -80,84 +81,161 @@ def _setup(be: Backend, q, scale: float, comm):
     return W, r, q.shape[1] // 2, params, _acc_dtype(q.dtype), not getattr(be, "strided_rows", False)
 
 
-def ring_forward(be: Backend, q, k, v, scale: float, causal: bool, layout: str, comm: Optional[RingComm]):
+class _Steps:
+    """The fault agreement of one ring pass (:class:`.faults.FaultGuard`): each step's local work
+    runs inside ``try``; :meth:`check` then tells every rank whether any failed (and raises on all
+    of them if so) before anyone waits for transfers that a failed rank may never have posted."""
+
+    def __init__(self, guard: Optional[FaultGuard], phase: str, steps: int, rank: int):
+        self.guard = guard
+        self.phase, self.steps = phase, steps
+        self.rank = guard.index if guard is not None else rank  # the rank in the whole CP group
+
+    def point(self, step: int) -> None:
+        fault_point(self.rank, step, self.phase)
+
+    def check(self, step: int, err: Optional[BaseException], posted: bool = True, drain=()) -> None:
+        if self.guard is not None:
+            self.guard.check_step(err, step, self.steps, self.phase, posted=posted, drain=drain)
+        elif err is not None:
+            raise err
+
+
+def ring_forward(be: Backend, q, k, v, scale: float, causal: bool, layout: str, comm: Optional[RingComm],
+                 guard: Optional[FaultGuard] = None):
     """Forward over the ring; returns out (q's dtype) and the global lse (B, H, S).
 
     Memory beyond the inputs: the fp32 accumulator (out, lse), one K/V receive buffer (two for
     more than 2 ranks), the block's output and one fp32 temporary of its size (the merge is in
-    place)."""
+    place).
+
+    Faults (``guard``): one agreement per step, after the step's compute (the last step's also
+    covers the final casts) and before waiting for the K/V in flight."""
     W, r, half, params, acc_t, copy = _setup(be, q, scale, comm)
+    steps = _Steps(guard, "forward", W, r)
     kv, spare = (k, v), None  # K and V travel as two messages of one batch: no stacked copy
-    out = lse = None
+    out = lse = result = None
     for step in range(W):
-        nxt = comm.send_recv(kv, spare) if step + 1 < W else None
-        plan = block_plan(step, (r - step) % W, r, causal, layout, half)
-        if plan is not None:
-            qs, ks, blk_causal = plan
-            bo, bl = be.forward(_rows(q, qs, copy=copy), _rows(kv[0], ks, copy=copy), _rows(kv[1], ks, copy=copy),
-                                params[blk_causal])
-            if out is None:  # step 0 covers every query row
-                out, lse = bo.to(acc_t, memory_format=torch.contiguous_format), bl.to(acc_t)
-            else:
-                merge_attn_outputs_(_rows(out, qs, copy=False), _rows(lse, qs, dim=2, copy=False), bo, bl)
-            del bo, bl
+        nxt, err, posted = None, None, False
+        try:
+            nxt = comm.send_recv(kv, spare) if step + 1 < W else None
+            posted = True
+            steps.point(step)
+            plan = block_plan(step, (r - step) % W, r, causal, layout, half)
+            if plan is not None:
+                qs, ks, blk_causal = plan
+                bo, bl = be.forward(_rows(q, qs, copy=copy), _rows(kv[0], ks, copy=copy),
+                                    _rows(kv[1], ks, copy=copy), params[blk_causal])
+                if out is None:  # step 0 covers every query row
+                    out, lse = bo.to(acc_t, memory_format=torch.contiguous_format), bl.to(acc_t)
+                else:
+                    merge_attn_outputs_(_rows(out, qs, copy=False), _rows(lse, qs, dim=2, copy=False), bo, bl)
+                del bo, bl
+            if step + 1 == W:
+                result = out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+        except Exception as e:  # every rank must learn of it (check), then it is raised
+            err = e
+        steps.check(step, err, posted, drain=(comm,))
         if nxt is not None:
             comm.wait()
             # the buffer just sent is free again: it receives the step after next (never the
             # caller's own k/v, which step 0 sent)
             kv, spare = nxt, (kv if step > 0 else None)
     del kv, spare, nxt
-    return out.to(q.dtype), lse.to(lse_dtype(q.dtype))
+    return result
 
 
 def ring_backward(be: Backend, dout, q, k, v, out, lse, scale: float, causal: bool, layout: str,
-                  comm: Optional[RingComm], dkv_comm: Optional[RingComm]):
+                  comm: Optional[RingComm], dkv_comm: Optional[RingComm], guard: Optional[FaultGuard] = None):
     """Backward over the ring with the global out/lse; returns dq, dk, dv in the input dtypes.
 
     Memory beyond the inputs: dq's fp32 accumulator, the travelling fp32 dK/dV accumulator and
     the one arriving, one K/V receive buffer (two for more than 2 ranks) and one block's
-    gradients (freed before the next block is computed)."""
+    gradients (freed before the next block is computed).
+
+    Step s: add step s-1's block gradients to dq and to the dK/dV accumulator that arrived for
+    that block, pass the accumulator on and post the next K/V (all local work and posts), compute
+    step s's block gradients; then (after the fault agreement) wait for the K/V and the next
+    accumulator. Two more agreements close it: after the last hop is posted, and after the casts.
+    Nothing waits for a transfer before every rank has said that it posted it."""
     W, r, half, params, acc_t, copy = _setup(be, q, scale, comm)
+    steps = _Steps(guard, "backward", W, r)
     dq = dk = dv = None  # fp32 accumulators, started from the first block's gradients
     kv, spare = (k, v), None
     dkv_spare = dkv_next = None
-    for step in range(W):
-        nxt = comm.send_recv(kv, spare) if step + 1 < W else None
-        plan = block_plan(step, (r - step) % W, r, causal, layout, half)
-        grads = None
-        if plan is not None:
-            qs, ks, blk_causal = plan
-            grads = be.backward(
-                _rows(dout, qs, copy=copy), _rows(q, qs, copy=copy), _rows(kv[0], ks, copy=copy),
-                _rows(kv[1], ks, copy=copy), _rows(out, qs, copy=copy), _rows(lse, qs, dim=2, copy=copy),
-                params[blk_causal],
-            )
-        if step > 0:  # the dK/dV accumulators of the block we hold (their hop overlapped the block)
-            dkv_comm.wait()
-            (dk, dv), dkv_spare = dkv_next, (dk, dv)
+    grads = rows = None  # the last block's gradients and their (query rows, key rows)
+
+    def add_block():  # the previous step's block gradients into dq and the accumulator of its block
+        nonlocal dq, dk, dv, grads
         if grads is not None:
-            gq, gk, gv = grads
+            (gq, gk, gv), (qs, ks) = grads, rows
             grads = None
             dq = _accumulate(dq, q, qs, gq, acc_t)
             dk = _accumulate(dk, k, ks, gk, acc_t)
             dv = _accumulate(dv, v, ks, gv, acc_t)
             del gq, gk, gv  # one block's gradients alive at a time
+
+    def pass_on():  # send the accumulators of the block just finished to the next rank
+        nonlocal dk, dv, dkv_next
+        dk = _accumulate(dk, k, _ALL, None, acc_t)
+        dv = _accumulate(dv, v, _ALL, None, acc_t)
+        dkv_next = dkv_comm.send_recv((dk, dv), dkv_spare)
+
+    for step in range(W):
+        nxt, err, posted = None, None, False
+        try:
+            if step > 0:
+                add_block()
+                pass_on()  # after W hops the accumulators are back at their owner
+            nxt = comm.send_recv(kv, spare) if step + 1 < W else None
+            posted = True
+            steps.point(step)
+            plan = block_plan(step, (r - step) % W, r, causal, layout, half)
+            if plan is not None:
+                qs, ks, blk_causal = plan
+                grads = be.backward(
+                    _rows(dout, qs, copy=copy), _rows(q, qs, copy=copy), _rows(kv[0], ks, copy=copy),
+                    _rows(kv[1], ks, copy=copy), _rows(out, qs, copy=copy), _rows(lse, qs, dim=2, copy=copy),
+                    params[blk_causal],
+                )
+                rows = (qs, ks)
+            if W == 1:  # nothing in flight: one agreement for the whole local call
+                add_block()
+                dq = _accumulate(dq, q, _ALL, None, acc_t).to(q.dtype)
+                dk = _accumulate(dk, k, _ALL, None, acc_t).to(k.dtype)
+                dv = _accumulate(dv, v, _ALL, None, acc_t).to(v.dtype)
+        except Exception as e:  # every rank must learn of it (check), then it is raised
+            err = e
+        steps.check(step, err, posted, drain=(comm, dkv_comm))
+        if step > 0:  # the accumulator for the block we hold now (its hop overlapped the block)
+            dkv_comm.wait()
+            (dk, dv), dkv_spare = dkv_next, (dk, dv)
         if nxt is not None:
             comm.wait()
             kv, spare = nxt, (kv if step > 0 else None)
-        if W > 1:  # pass the accumulators on; after W hops they are back at their owner
-            dk = _accumulate(dk, k, _ALL, None, acc_t)
-            dv = _accumulate(dv, v, _ALL, None, acc_t)
-            dkv_next = dkv_comm.send_recv((dk, dv), dkv_spare)
     del kv, spare, nxt
-    dq = _accumulate(dq, q, _ALL, None, acc_t).to(q.dtype)  # while the last dK/dV hop is in flight
-    if W > 1:
-        dkv_comm.wait()
-        (dk, dv), dkv_spare = dkv_next, None
-        del dkv_next
-    dk = _accumulate(dk, k, _ALL, None, acc_t)
-    dv = _accumulate(dv, v, _ALL, None, acc_t)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    if W == 1:
+        return dq, dk, dv
+    err, posted = None, False
+    try:  # the last block, the last hop (home), dq's cast while it is in flight
+        add_block()
+        pass_on()
+        posted = True
+        dq = _accumulate(dq, q, _ALL, None, acc_t).to(q.dtype)
+    except Exception as e:  # reported by the check below
+        err = e
+    steps.check(W, err, posted, drain=(dkv_comm,))
+    dkv_comm.wait()
+    (dk, dv), dkv_spare = dkv_next, None
+    del dkv_next
+    err = None
+    try:
+        dk = _accumulate(dk, k, _ALL, None, acc_t).to(k.dtype)
+        dv = _accumulate(dv, v, _ALL, None, acc_t).to(v.dtype)
+    except Exception as e:  # reported by the check below
+        err = e
+    steps.check(W + 1, err)
+    return dq, dk, dv
 
 
 def _accumulate(acc, like, rows, block, acc_t):
@@ -175,30 +253,40 @@ def _accumulate(acc, like, rows, block, acc_t):
 
 class _RingAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, be, scale, causal, layout, group, size, rank):
+    def forward(ctx, q, k, v, be, scale, causal, layout, group, size, rank, guard):
         comm = RingComm(group, size, rank) if size > 1 else None
-        out, lse = ring_forward(be, q, k, v, scale, causal, layout, comm)
+        out, lse = ring_forward(be, q, k, v, scale, causal, layout, comm, guard)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (be, scale, causal, layout, group, size, rank)
+        ctx.args = (be, scale, causal, layout, group, size, rank, guard)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        be, scale, causal, layout, group, size, rank = ctx.args
+        be, scale, causal, layout, group, size, rank, guard = ctx.args
         comm = RingComm(group, size, rank) if size > 1 else None
         dkv_comm = RingComm(group, size, rank) if size > 1 else None
-        dq, dk, dv = ring_backward(be, dout.contiguous(), q, k, v, out, lse, scale, causal, layout, comm, dkv_comm)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = ring_backward(be, dout.contiguous(), q, k, v, out, lse, scale, causal, layout, comm, dkv_comm,
+                                   guard)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def ring_attn(q, k, v, be: Backend, scale: float, causal: bool, layout: str,
-              group=None, size: int = 1, rank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+              group=None, size: int = 1, rank: int = 0,
+              guard: Optional[FaultGuard] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Ring attention over ``group`` (``size`` ranks, this one ``rank``) on local shards laid out
-    by ``layout``; ``size == 1`` is one local FA2 call. Differentiable; returns (out, lse)."""
+    by ``layout``; ``size == 1`` is one local FA2 call. Differentiable; returns (out, lse).
+
+    ``guard``: the fault agreement over the whole context-parallel group (:mod:`.faults`); by
+    default one over ``group`` when ``size > 1``, none for a local call. The modes that run the
+    ring inside a larger group (hybrid, Ulysses, all-gather) pass theirs."""
+    if guard is None:
+        guard = FaultGuard.for_ring(group, size, rank)
+    if guard is not None and not guard.steps_on:
+        guard = None  # QWEN3VL_FLASH_CP_STEP_CHECK=0
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if needs_grad(q, k, v):
-        return _RingAttnFunction.apply(q, k, v, be, scale, causal, layout, group, size, rank)
+        return _RingAttnFunction.apply(q, k, v, be, scale, causal, layout, group, size, rank, guard)
     comm = RingComm(group, size, rank) if size > 1 else None
-    return ring_forward(be, q, k, v, scale, causal, layout, comm)
+    return ring_forward(be, q, k, v, scale, causal, layout, comm, guard)

@@ -18,12 +18,13 @@ all three modes (see :mod:`.layout`).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..backends.base import Backend
 from .comm import CPTopology, all_to_all_4d
+from .faults import FaultGuard
 from .ring import ring_attn
 
 __all__ = ["ulysses_attn", "ulysses_supported"]
@@ -95,9 +96,13 @@ def ring_to_zigzag_gathered(x: torch.Tensor, size: int, dim: int) -> torch.Tenso
 
 
 def ulysses_attn(q, k, v, topo: CPTopology, be: Backend, scale: float, causal: bool,
-                 layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                 layout: str, guard: Optional[FaultGuard] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Ulysses over ``topo.ulysses_group``, with a ring over ``topo.ring_group`` inside when the
-    topology is two-dimensional. Shards as :mod:`.layout`; returns (out, lse) like q's shard."""
+    topology is two-dimensional. Shards as :mod:`.layout`; returns (out, lse) like q's shard.
+    ``guard``: the fault agreement over all of ``topo`` (by default a new one), run in each step of
+    the inner ring (one step when there is no ring: the local attention)."""
+    if guard is None:
+        guard = FaultGuard.for_topology(topo)
     wu, group = topo.ulysses_size, topo.ulysses_group
     H, Hkv = q.shape[2], k.shape[2]
     check_ulysses_heads(H, Hkv, wu)
@@ -110,7 +115,8 @@ def ulysses_attn(q, k, v, topo: CPTopology, be: Backend, scale: float, causal: b
     reorder = causal and layout == "zigzag" and wu > 1  # non-causal attention ignores token order
     if reorder:
         qh, kh, vh = (zigzag_gathered_to_ring(t, wu, 1) for t in (qh, kh, vh))
-    out, lse = ring_attn(qh, kh, vh, be, scale, causal, layout, topo.ring_group, topo.ring_size, topo.ring_rank)
+    out, lse = ring_attn(qh, kh, vh, be, scale, causal, layout, topo.ring_group, topo.ring_size, topo.ring_rank,
+                         guard=guard)
     if reorder:
         out = ring_to_zigzag_gathered(out, wu, 1)
         lse = ring_to_zigzag_gathered(lse, wu, 2)
