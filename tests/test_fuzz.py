@@ -116,21 +116,10 @@ def test_nan_inf_isolation(backend, kind):
                 fuzz.check_nan_isolation(backend, rng, kind, value, where, dtype)
 
 
-_SDPA_HIDES_NAN = pytest.mark.xfail(
-    strict=True, reason="FOUND_BUGS candidate: PyTorch's CPU flash kernel (sdpa; auto on CPU) returns out 0 and "
-    "lse 0 for a query row with a NaN: the NaN disappears")
-
-
-_TRITON_LSE = pytest.mark.xfail(
-    strict=True, reason="FOUND_BUGS candidate: the Triton forward returns lse -inf (\"saw no key\") for a query "
-    "row with a NaN (out is NaN): a merge by lse (context parallelism) would drop the NaN")
-
-
 @pytest.mark.parametrize("backend,return_lse", [
     ("tiled", True), ("tiled", False), ("eager", True), ("eager", False),
-    pytest.param("sdpa", True, marks=_SDPA_HIDES_NAN), pytest.param("sdpa", False, marks=_SDPA_HIDES_NAN),
-    pytest.param("auto", True, marks=_SDPA_HIDES_NAN), pytest.param("auto", False, marks=_SDPA_HIDES_NAN),
-    pytest.param("triton", True, marks=_TRITON_LSE), ("triton", False)])
+    ("sdpa", True), ("sdpa", False), ("auto", True), ("auto", False),
+    ("triton", True), ("triton", False)])
 def test_nan_row_returns_nan(backend, return_lse):
     """What a row with a NaN returns (docs/reliability.md): a NaN in q[b, i, h] gives out[b, i, h, :]
     all NaN (and lse[b, h, i] NaN); every other row is the clean run's, bit for bit (non-causal:

@@ -72,6 +72,11 @@ class _CpuFlash(torch.autograd.Function):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, is_causal, attn_mask=add_mask, scale=p.softmax_scale
         )
+        # the CPU kernel returns out 0 and lse 0 for a query row holding a NaN when it has no mask
+        # (the NaN vanishes); one pass over q puts it back (docs/reliability.md, "NaN and Inf")
+        nan_q = torch.isnan(qt).any(-1, keepdim=True)
+        out.masked_fill_(nan_q, float("nan"))
+        lse.masked_fill_(nan_q.squeeze(-1), float("nan"))
         ctx.save_for_backward(qt, kt, vt, out, lse, add_mask if add_mask is not None else torch.empty(0))
         ctx.meta = (is_causal, add_mask is not None, p.softmax_scale, g, Hkv)
         lse_out = lse.to(lse_dtype(q.dtype))
@@ -109,6 +114,8 @@ def _torch_dense(q, k, v, p: AttnParams):
     empty = _empty_rows(Sq, Sk, p)  # some kernels return NaN there; the contract says 0
     if empty is not None:
         out = out.masked_fill(empty.to(q.device).view(1, Sq, 1, 1), 0.0)
+    if q.device.type == "cpu":  # the CPU flash kernel turns a query row holding a NaN into 0s
+        out = out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
     return out, None
 
 

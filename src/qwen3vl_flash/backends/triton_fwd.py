@@ -199,7 +199,7 @@ def _fwd_kernel(
                                       HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, TMA, POS_SCALE)
 
     # -- epilogue: out = acc / l; a row that saw no key gives 0 and lse = -inf
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # a NaN row (NaN in q or k) keeps its NaN: out and lse NaN, not "saw no key"
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     lse_ptrs = Lse + b.to(tl.int64) * stride_lb + h * stride_lh + q_start + offs_m

@@ -491,7 +491,7 @@ def _qattn_fwd_kernel(
         HEAD_DIM, DK, DQ0, DQ1, DV0, DV1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, POS_SCALE, FP8, EMULATE_FP8, DOT_PREC)
 
     # -- epilogue: out = acc (* v_scale) / l; a row that saw no key gives 0 and lse = -inf
-    seen = l_i > 0.0
+    seen = l_i != 0.0  # a NaN row (NaN in q or k) keeps its NaN: out and lse NaN, not "saw no key"
     inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     offs_v0 = tl.arange(0, DV0)
     offs_v1 = DV0 + tl.arange(0, DV1 if DV1 > 0 else 16)
