@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._host import host_values
-from ..conventions import fold_window
+from ..conventions import fold_window, needs_grad
 from ..reference import lse_dtype, visibility_mask
 from .base import AttnParams, Backend, register_backend
 
@@ -92,15 +92,26 @@ class _CpuFlash(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         qt, kt, vt, out, lse, add_mask = ctx.saved_tensors
         is_causal, has_mask, scale, g, Hkv = ctx.meta
+        dt = qt.dtype
+        dout = dout.transpose(1, 2)
+        if dt in (torch.float16, torch.bfloat16):
+            # PyTorch's 16-bit CPU backward rounds its partial dV/dK sums to the input dtype: with
+            # many queries over few keys dV is 4-6x PyTorch's own bf16 error (docs/reliability.md,
+            # item 6). In float32 it is exact by the rule, 10x faster for fp16 on CPUs without fp16
+            # dot products and 1.5x slower for bf16 on an AVX-512 BF16 EPYC (measured 2026-12-07)
+            qt, kt, vt, out, dout = (t.float() for t in (qt, kt, vt, out, dout))
+            if has_mask:
+                add_mask = add_mask.float()
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2), qt, kt, vt, out, lse, 0.0, is_causal,
+            dout, qt, kt, vt, out, lse, 0.0, is_causal,
             attn_mask=add_mask if has_mask else None, scale=scale,
         )
-        if g > 1:
+        if g > 1:  # the group sum before the one rounding to the input dtype (16-bit: in fp32)
             B, H, Sk, D = dk.shape
             dk = dk.view(B, Hkv, g, Sk, D).sum(2)
             dv = dv.view(B, Hkv, g, Sk, D).sum(2)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+        dq, dk, dv = (x.to(dt).transpose(1, 2) for x in (dq, dk, dv))
+        return dq, dk, dv, None
 
 
 def _torch_dense(q, k, v, p: AttnParams):
@@ -120,7 +131,9 @@ def _torch_dense(q, k, v, p: AttnParams):
 
 
 def _dense(q, k, v, p: AttnParams):
-    if q.device.type == "cpu" and p.need_lse:
+    # on CPUs through the flash kernel with our backward whenever an lse or a 16-bit gradient is due
+    if q.device.type == "cpu" and (p.need_lse or (q.dtype in (torch.float16, torch.bfloat16)
+                                                  and needs_grad(q, k, v))):
         return _CpuFlash.apply(q, k, v, p)
     return _torch_dense(q, k, v, p)  # PyTorch's own dispatch (GQA without expanding K/V)
 
