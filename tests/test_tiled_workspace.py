@@ -157,9 +157,10 @@ def assert_same_to_rounding(a: torch.Tensor, b: torch.Tensor, what: str) -> None
     assert a.dtype == b.dtype and a.shape == b.shape, what
     fin = torch.isfinite(b)
     assert torch.equal(torch.isfinite(a), fin) and torch.equal(a[~fin], b[~fin]), f"{what}: infinities moved"
+    dt = b.dtype  # the ulps of the tensors' own dtype (bf16: 2^-7), not of the float64 copies below
     a, b = a[fin].double(), b[fin].double()
     same = (a == b).double().mean().item() if a.numel() else 1.0
-    tol = 4 * torch.finfo(torch.float32 if b.dtype == torch.float64 else b.dtype).eps * b.abs().max().item()
+    tol = 4 * torch.finfo(torch.float32 if dt == torch.float64 else dt).eps * (b.abs().max().item() if b.numel() else 0.0)
     err = (a - b).abs().max().item() if a.numel() else 0.0
     assert same >= 0.999 and err <= tol, f"{what}: {same:.4%} bitwise equal, max difference {err:.3g} > {tol:.3g}"
 

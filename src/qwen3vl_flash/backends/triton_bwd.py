@@ -415,6 +415,19 @@ def attention_backward(
     else:
         B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     s0, s1 = tc.split_head_dim(D, head_split)
+    if s1 and s0 >= 128:
+        # A tail after a 128-wide main part (129 <= D < 256: 160 = 128 + 32, 200 = 128 + 128) hit an
+        # illegal address in the backward on H100 / triton 3.6, masked or not (the fuzzer, seed
+        # 130102, 2026-12-07); D=256 in one tile is exact. Zero-pad to the next power of two as
+        # below, everywhere (the interpreter tests the path the GPU runs; slower for such head
+        # dims, which Qwen3-VL does not use: 64 / 72 / 128).
+        Dp = tc.next_pow2(D)
+        pad = lambda t: torch.nn.functional.pad(t, (0, Dp - D))  # noqa: E731
+        gq, gk, gv = attention_backward(
+            pad(dout), pad(q), pad(k), pad(v), pad(out), lse, softmax_scale, causal, window_size,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, config_dq, head_split, tiles,
+        )
+        return gq[..., :D].contiguous(), gk[..., :D].contiguous(), gv[..., :D].contiguous()
     if s1 and s0 + s1 > D:
         # A masked tail (72 = 64 + 16) in the backward hit an illegal address on H100 / triton 3.6,
         # and padding the tiles to 128 with masked loads ran at 41 TF/s (dK/dV 34 ms of 45 for
