@@ -253,3 +253,15 @@ def test_sdpa_16bit_backward_within_the_rule(backend, case):
         assert e_ours <= 2 * e_round + 1e-6, (e_ours, e_round)
         print(f"dV error, 300 queries over 1 key, bf16: torch's kernel {e_torch:.3g}, ours {e_ours:.3g}, "
               f"one rounding {e_round:.3g}")
+
+
+@pytest.mark.parametrize("case", [
+    fuzz.Case(kind="varlen", dtype="float32", H=6, Hkv=1, D=254, lens_q=(16,), lens_k=(4,), causal=True, q_mag=2.312,
+              k_mag=1.3618, v_mag=5.0434, seed=126481360132143),
+    fuzz.Case(kind="dense", dtype="float32", H=3, Hkv=1, D=230, Sq=15, Sk=3, softmax_scale=0.08185704241790905,
+              q_mag=2.1023, k_mag=1.5618, v_mag=6.3477, seed=104445952763732),
+], ids=["varlen-d254-4keys", "dense-d230-3keys"])
+def test_tiled_fp32_few_keys_long_dots(case):
+    """Two long-run draws (docs/reliability.md, item 8): fp32 score dots 230-254 long over 3-4 keys,
+    large magnitudes; the score bmm against a contiguous K^T missed the rule by 1.2-1.5x."""
+    fuzz.check_case(case, backend="tiled")

@@ -363,7 +363,10 @@ def _forward_core(q, k, v, scale: float, causal: bool, window, block_m: int, blo
     R = Sq * g
     for b0, b1, h0, h1 in _chunks(B, Hkv, plan.pairs):
         Bc, Hc = b1 - b0, h1 - h0
-        kT, vh = _kv_transposed(k[b0:b1, :, h0:h1], op_t), _kv_heads_first(v[b0:b1, :, h0:h1], op_t)
+        # K^T as a transposed view of K heads-first (the BLAS reads it as "NT"): with few keys per
+        # tile, the contiguous K^T path of the fp32 bmm rounded 200+-long score dots 2.5x worse
+        # (docs/reliability.md, item 8); the same speed at Qwen3-VL's shapes
+        kT, vh = _kv_heads_first(k[b0:b1, :, h0:h1], op_t).transpose(1, 2), _kv_heads_first(v[b0:b1, :, h0:h1], op_t)
         for r0 in range(0, R, bm):
             r1 = min(r0 + bm, R)
             i0, i1 = r0 // g, r1 // g
