@@ -12,8 +12,8 @@ from __future__ import annotations
 
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="a quarter of the heads, two lengths, two tile candidates, three rounds "
-                        "(about a minute on 2 quiet CPU cores)")
+                   help="the text shape, a quarter of the vision heads, two lengths, two tile candidates, "
+                        "three rounds (under a minute on 2 quiet CPU cores)")
     p.add_argument("--show", action="store_true", help="print every timing and write a PNG plot beside the JSON")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--out", default=None,
