@@ -301,6 +301,33 @@ def test_hd72_backward_zero_pads_to_80_columns(monkeypatch):
     check_against_reference(out, None, grads, ref, low, torch.bfloat16)
 
 
+@pytest.mark.parametrize("D,padded", [(157, 256), (160, 256), (200, 256), (256, 256)])
+def test_backward_beyond_128_pads_to_a_power_of_two(monkeypatch, D, padded):
+    """129 <= D < 256 (a 128-wide main tile plus a tail) hit an illegal memory access in the backward
+    on an H100 (the GPU fuzzer, seed 130102): such head dims run the backward zero-padded to 256
+    columns, one tile over D, and give the reference's gradients."""
+    import qwen3vl_flash.backends.triton_bwd as tb
+
+    seen = []
+    real = tb._bwd_dkdv
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                seen.append((kw["HEAD_DIM"], kw["BLOCK_D0"], kw["BLOCK_D1"]))
+                return real[grid](*a, **kw)
+            return run
+
+    monkeypatch.setattr(tb, "_bwd_dkdv", Spy())
+    q, k, v = (randn(2, 19, h, D, dtype=torch.float16) for h in (2, 1, 1))
+    dout = randn(2, 19, 2, D, dtype=torch.float16)
+    out, grads = _grads(lambda a, b, c: qf.flash_attn_func(a, b, c, backend="triton"), q, k, v, dout)
+    assert seen == [(padded, padded, 0)]
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    ref, low = reference_triplet(q, k, v, dout)
+    check_against_reference(out, None, grads, ref, low, torch.float16)
+
+
 def test_profile_can_give_the_dq_kernel_its_own_tile(monkeypatch):
     import qwen3vl_flash.backends.triton_backend as tbk
     import qwen3vl_flash.backends.triton_bwd as tb
