@@ -280,6 +280,53 @@ def test_block_diagonal_mask_is_one_varlen_call(case, monkeypatch):
         assert qt._analyse(fmask, True, S).kind == expected
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 10**9], ids=["one-row", "chunks-of-rows", "whole"])
+def test_mask_analysis_in_row_chunks_gives_the_same_plans(chunk, monkeypatch):
+    """The mask is analysed in chunks of query rows (``_CHUNK_ELEMS``); any chunk size gives the same
+    plan, also for masks whose defect lies in one late chunk only."""
+    monkeypatch.setattr(qt, "_CHUNK_ELEMS", chunk)
+    expected = {"packed": "segments", "packed_b2": "segments", "packed_pad_end": "varlen", "packed_left_pad": "varlen"}
+    for case, seg in _SEGS.items():
+        mask = _block_mask(torch.tensor(seg))
+        for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min),
+                  mask.expand(-1, 3, -1, -1)):
+            plan = qt._analyse(m, True, m.shape[-1])
+            assert plan.kind == expected.get(case, plan.kind), (case, chunk)
+            ref = {"segments": "segments", "varlen": "varlen"}[expected[case]]
+            assert plan.kind == ref
+    late = _block_mask(torch.tensor(_SEGS["packed"])).clone()
+    late[..., -1, 0] = True  # the last query also sees the first sample's first key
+    assert qt._analyse(late, True, late.shape[-1]).kind == "fallback"
+    bias = torch.zeros(late.shape).masked_fill(~_block_mask(torch.tensor(_SEGS["packed"])), float("-inf"))
+    bias[..., -1, -1] = 0.5  # an additive bias, not 0 / -inf, in the last row only
+    assert qt._analyse(bias, True, bias.shape[-1]).kind == "fallback"
+    heads = _block_mask(torch.tensor(_SEGS["packed"])).expand(-1, 2, -1, -1).clone()
+    heads[:, 1, -1, 0] = True  # per-head masks that differ in the last row
+    assert qt._analyse(heads, True, heads.shape[-1]).kind == "fallback"
+    # plain causal, padding and cache masks keep their plans
+    i = torch.arange(8)
+    causal = (i[None] <= i[:, None])[None, None]
+    assert qt._analyse(causal, True, 8).kind == "dense"
+    cache = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    cache[..., 5:] = False
+    plan = qt._analyse(cache, True, 8)
+    assert plan.kind == "kvcache" and plan.cache_seqlens.tolist() == [5]
+
+
+def test_mask_analysis_memory_is_bounded():
+    """A packed 4096-token row as a float mask (64 MiB): the analysis allocates a few chunks' worth,
+    not ~9 bytes per mask element (about 150 MB before row chunks)."""
+    from qwen3vl_flash.benchmarking import peak_extra_bytes
+
+    S = 4096
+    seg = torch.repeat_interleave(torch.arange(4), S // 4)[None]
+    mask = torch.zeros(1, 1, S, S).masked_fill(~_block_mask(seg), torch.finfo(torch.float32).min)
+    box = {}
+    peak = peak_extra_bytes(lambda: box.update(plan=qt._analyse(mask, True, S)))
+    assert box["plan"].kind == "segments"
+    assert peak <= 12 * qt._CHUNK_ELEMS, f"{peak / 1e6:.1f} MB for a {mask.numel() * 4 / 1e6:.1f} MB mask"
+
+
 def test_a_mask_that_says_otherwise_wins():
     """Restarting position ids with an explicit plain-causal mask: the mask is followed (one causal
     sequence); without the mask the same ids give the packed segments."""

@@ -101,24 +101,43 @@ class _Plan:
 _plan_cache: dict = {}  # (id(mask), causal) -> (weakref(mask), mask._version, plan)
 
 
-def _as_bool_mask(mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """A (B, Sq, Sk) bool view of a 4D mask (True = attend), or None if it is not a plain
-    visibility mask (per-head differences, additive biases other than 0 / -inf)."""
-    if mask.dim() != 4:
-        return None
-    if mask.shape[1] != 1:
-        if not bool((mask == mask[:, :1]).all()):
+# The analysis reads the mask in chunks of query rows of about this many elements, so its working
+# memory stays ~30 bytes per element of one chunk (a few MB) instead of ~9 bytes per element of the
+# whole (B, Sq, Sk) mask: 2.4 GB for one packed row of 16k tokens before 2026-12-07.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _row_chunks(B: int, Sq: int, Sk: int):
+    step = max(1, _CHUNK_ELEMS // max(1, B * Sk))
+    for r0 in range(0, Sq, step):
+        yield r0, min(Sq, r0 + step)
+
+
+def _bool_rows(mask: torch.Tensor, r0: int, r1: int, check: bool = True) -> Optional[torch.Tensor]:
+    """Query rows [r0, r1) of a 4D mask as a (B, r, Sk) bool (True = attend); with ``check``, None
+    if they are not a plain visibility mask (per-head differences, additive biases other than
+    0 / -inf)."""
+    c = mask[:, :, r0:r1]
+    if c.shape[1] != 1:
+        if check and not bool((c == c[:, :1]).all()):
             return None
-        mask = mask[:, :1]
-    m = mask[:, 0]
+        c = c[:, :1]
+    m = c[:, 0]
     if m.dtype == torch.bool:
         return m
     if not m.is_floating_point():
         return m != 0
-    very_negative = m <= torch.finfo(m.dtype).min / 2
-    if not bool(((m == 0) | very_negative).all()):
+    zero = m == 0
+    if check and not bool((zero | (m <= torch.finfo(m.dtype).min / 2)).all()):
         return None
-    return m == 0
+    return zero
+
+
+def _matches(mask: torch.Tensor, expect_rows) -> bool:
+    """Whether every chunk of rows of ``mask`` equals ``expect_rows(r0, r1)`` ((B, r, Sk) bool)."""
+    B, _, Sq, Sk = mask.shape
+    return all(torch.equal(expect_rows(r0, r1), _bool_rows(mask, r0, r1, check=False))
+               for r0, r1 in _row_chunks(B, Sq, Sk))
 
 
 def _key_range(k_valid: torch.Tensor):
@@ -130,57 +149,76 @@ def _key_range(k_valid: torch.Tensor):
 
 
 def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
-    m = _as_bool_mask(mask)
-    if m is None:
+    if mask.dim() != 4:
         return _Plan("fallback")
-    m = m[..., :seqlen_k]
-    if m.shape[-1] != seqlen_k:
+    mask = mask[..., :seqlen_k]
+    if mask.shape[-1] != seqlen_k:
         return _Plan("fallback")
-    q_valid = m.any(dim=2)  # (B, Sq): a query row that sees nothing is padding
-    k_valid = m.any(dim=1)  # (B, Sk): a key nobody sees is padding or an empty cache slot
+    B, _, Sq, Sk = mask.shape
+    dev = mask.device
+    # one pass: is it a visibility mask; which queries see something (a query row that sees nothing
+    # is padding), which keys are seen (a key nobody sees is padding or an empty cache slot), and
+    # the first key each query sees (argmax: the first True)
+    q_valid = torch.empty(B, Sq, dtype=torch.bool, device=dev)
+    k_valid = torch.zeros(B, Sk, dtype=torch.bool, device=dev)
+    first = torch.empty(B, Sq, dtype=torch.long, device=dev)
+    for r0, r1 in _row_chunks(B, Sq, Sk):
+        m = _bool_rows(mask, r0, r1)
+        if m is None:
+            return _Plan("fallback")
+        q_valid[:, r0:r1] = m.any(dim=2)
+        k_valid |= m.any(dim=1)
+        first[:, r0:r1] = m.to(torch.uint8).argmax(dim=2) if Sk else 0
+    first.masked_fill_(~q_valid, Sk)
     nq = q_valid.sum(-1)
     nk = k_valid.sum(-1)
     # the mask our call would apply: valid queries x valid keys, causal bottom-right among them
-    expect = q_valid.unsqueeze(2) & k_valid.unsqueeze(1)
-    if causal:
-        rank_q = q_valid.cumsum(-1) - 1
-        rank_k = k_valid.cumsum(-1) - 1
-        expect &= rank_k.unsqueeze(1) <= (rank_q + (nk - nq).unsqueeze(1)).unsqueeze(2)
-    if not torch.equal(expect, m):
-        return _analyse_segments(m, q_valid, k_valid, causal)
-    B, Sq, Sk = m.shape
+    rank_q = q_valid.cumsum(-1) - 1
+    rank_k = k_valid.cumsum(-1) - 1
+    shift = (rank_q + (nk - nq).unsqueeze(1)).unsqueeze(2)
+
+    def expect(r0, r1):
+        e = q_valid[:, r0:r1].unsqueeze(2) & k_valid.unsqueeze(1)
+        if causal:
+            e &= rank_k.unsqueeze(1) <= shift[:, r0:r1]
+        return e
+
+    if not _matches(mask, expect):
+        return _analyse_segments(mask, first, q_valid, k_valid, causal)
     if bool(q_valid.all()):
         if bool(k_valid.all()):
             return _Plan("dense")
-        prefix = torch.arange(Sk, device=m.device).unsqueeze(0) < nk.unsqueeze(1)
+        prefix = torch.arange(Sk, device=dev).unsqueeze(0) < nk.unsqueeze(1)
         if torch.equal(prefix, k_valid):
             return _Plan("kvcache", cache_seqlens=nk.to(torch.int32))
         # one range of keys per row (left padding, then the row's tokens, then empty slots): the
         # split-KV path reads [start, end) in place, no packing copy of the cache
-        idx = torch.arange(Sk, device=m.device)
+        idx = torch.arange(Sk, device=dev)
         start, end = _key_range(k_valid)
         if torch.equal((idx >= start.unsqueeze(1)) & (idx < end.unsqueeze(1)), k_valid):
             return _Plan("kvcache", cache_seqlens=end.to(torch.int32), cache_leftpad=start.to(torch.int32))
-    cu_q = torch.zeros(B + 1, dtype=torch.int32, device=m.device)
-    cu_k = torch.zeros(B + 1, dtype=torch.int32, device=m.device)
+    cu_q = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+    cu_k = torch.zeros(B + 1, dtype=torch.int32, device=dev)
     cu_q[1:] = nq.cumsum(0)
     cu_k[1:] = nk.cumsum(0)
     return _Plan("varlen", q_valid=q_valid, k_valid=k_valid, cu_q=cu_q, cu_k=cu_k,
                  max_q=int(nq.max()), max_k=int(nk.max()))
 
 
-def _analyse_segments(m: torch.Tensor, q_valid: torch.Tensor, k_valid: torch.Tensor, causal: bool) -> _Plan:
-    """A (B, Sq, Sk) bool mask read as packed segments (block-diagonal, ``causal`` bottom-right
-    inside each block; padding rows/keys allowed), else the fallback plan.
+def _analyse_segments(mask: torch.Tensor, first: torch.Tensor, q_valid: torch.Tensor, k_valid: torch.Tensor,
+                      causal: bool) -> _Plan:
+    """A 4D visibility mask read as packed segments (block-diagonal, ``causal`` bottom-right
+    inside each block; padding rows/keys allowed), else the fallback plan. ``first``: (B, Sq) the
+    first key each query sees (Sk for none).
 
     Each valid query's segment starts at the first key it sees; those keys cut every row into
     segments. The mask one varlen call over those segments would apply is rebuilt and compared
-    with ``m`` exactly, so any other pattern (sliding windows, bidirectional blocks, segments
-    that interleave) keeps the exact fallback. What transformers builds for packed rows without
-    a cache (``packed_sequence_mask_function``, 4.57 and 5.x) is such a mask."""
-    B, Sq, Sk = m.shape
-    dev = m.device
-    first = torch.where(m, torch.arange(Sk, device=dev), Sk).amin(-1)  # (B, Sq); Sk: sees nothing
+    with ``mask`` exactly (chunk by chunk of query rows), so any other pattern (sliding windows,
+    bidirectional blocks, segments that interleave) keeps the exact fallback. What transformers
+    builds for packed rows without a cache (``packed_sequence_mask_function``, 4.57 and 5.x) is
+    such a mask."""
+    B, _, Sq, Sk = mask.shape
+    dev = mask.device
     starts = torch.zeros(B, Sk + 1, dtype=torch.bool, device=dev)
     starts.scatter_(1, first, True)
     seg_k = starts[:, :Sk].long().cumsum(-1) - 1  # (B, Sk): the segment each key falls in
@@ -197,16 +235,22 @@ def _analyse_segments(m: torch.Tensor, q_valid: torch.Tensor, k_valid: torch.Ten
     cu_k = torch.zeros(n + 1, dtype=torch.int32, device=dev)
     cu_q[1:] = cnt_q.cumsum(0)
     cu_k[1:] = cnt_k.cumsum(0)
-    expect = (seg_q.unsqueeze(2) == seg_k.unsqueeze(1)) & q_valid.unsqueeze(2) & k_valid.unsqueeze(1)
     if causal:  # bottom-right inside each segment, by rank among its valid tokens
         rank_q = torch.zeros(B, Sq, dtype=torch.long, device=dev)
         rank_k = torch.zeros(B, Sk, dtype=torch.long, device=dev)
         rank_q[q_valid] = torch.arange(gq.numel(), device=dev) - cu_q[gq].long()
         rank_k[k_valid] = torch.arange(gk.numel(), device=dev) - cu_k[gk].long()
         g = (seg_q + offset).clamp(0, max(n - 1, 0))
-        shift = (cnt_k - cnt_q)[g]  # (B, Sq)
-        expect &= rank_k.unsqueeze(1) <= (rank_q + shift).unsqueeze(2)
-    if not torch.equal(expect, m):
+        bound = (rank_q + (cnt_k - cnt_q)[g]).unsqueeze(2)  # (B, Sq, 1)
+
+    def expect(r0, r1):
+        e = (seg_q[:, r0:r1].unsqueeze(2) == seg_k.unsqueeze(1)) & q_valid[:, r0:r1].unsqueeze(2) \
+            & k_valid.unsqueeze(1)
+        if causal:
+            e &= rank_k.unsqueeze(1) <= bound[:, r0:r1]
+        return e
+
+    if not _matches(mask, expect):
         return _Plan("fallback")
     max_q, max_k = int(cnt_q.max()), int(cnt_k.max())
     if Sq == Sk and bool(q_valid.all()) and bool(k_valid.all()):
