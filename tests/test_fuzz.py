@@ -265,3 +265,30 @@ def test_tiled_fp32_few_keys_long_dots(case):
     """Two long-run draws (docs/reliability.md, item 8): fp32 score dots 230-254 long over 3-4 keys,
     large magnitudes; the score bmm against a contiguous K^T missed the rule by 1.2-1.5x."""
     fuzz.check_case(case, backend="tiled")
+
+
+def test_run_stops_at_a_sticky_cuda_error_without_shrinking(monkeypatch):
+    """An illegal memory access poisons the CUDA context: every later call fails and shrinking would
+    'reduce' the case to one that passes alone (seen on an H100, seed 130102). The run stops there,
+    unshrunk, and says how to go on."""
+    import io
+
+    calls = []
+
+    def check(case, backend, device):
+        calls.append(case)
+        if len(calls) == 3:
+            raise fuzz.CaseFailure("exception RuntimeError",
+                                   "RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered")
+
+    def no_shrink(*a, **k):
+        raise AssertionError("shrink must not run after a sticky CUDA error")
+
+    monkeypatch.setattr(fuzz, "check_case", check)
+    monkeypatch.setattr(fuzz, "shrink", no_shrink)
+    buf = io.StringIO()
+    summary = fuzz.run("triton", 50, SEED, dtypes=["float32"], device="cuda", progress=False, out=buf,
+                       max_failures=20)
+    assert summary["cases"] == 3 and summary["failures"] == 1 and len(calls) == 3
+    assert "--start 3 in a new process" in buf.getvalue() and "CUDA context unusable" in buf.getvalue()
+    assert not fuzz._lost_device("dv: max|out - ref| = 2e-1 > ...")

@@ -1517,7 +1517,8 @@ def run(backend: str, cases: int, seed: int, dtypes: Optional[Sequence[str]] = N
                 check_case(case, backend, device)
         except CaseFailure as f:
             small, msg = (case, f.message)
-            if do_shrink and not bad and len(failures) < shrink_first:
+            fatal = device != "cpu" and _lost_device(f.message)
+            if do_shrink and not bad and len(failures) < shrink_first and not fatal:
                 small, smsg = shrink(case, backend, f.what, device)
                 msg = smsg or msg
             snip = (snippet(small, backend, msg, seed, idx) if not bad else
@@ -1526,6 +1527,13 @@ def run(backend: str, cases: int, seed: int, dtypes: Optional[Sequence[str]] = N
                     f"check_bad(case, {cls!r}, backend={backend!r})  # {msg[:300]}")
             failures.append({"index": idx, "what": f.what, "message": f.message, "snippet": snip})
             print(f"\nFAIL case {idx} [{f.what}] {f.message}\n{snip}\n", file=out, flush=True)
+            if fatal:  # the CUDA context is lost: every later call here would fail too, and mislead
+                print(f"fuzz: stopping after case {idx}: {f.message.splitlines()[0][:160]} leaves this process's "
+                      f"CUDA context unusable (not shrunk: every call fails now). Run this case alone with the "
+                      f"snippet above; go on with --start {idx + 1} in a new process.", file=out, flush=True)
+                counts[label] = counts.get(label, 0) + 1
+                done += 1
+                break
             if len(failures) >= max_failures:
                 counts[label] = counts.get(label, 0) + 1
                 done += 1
@@ -1540,6 +1548,17 @@ def run(backend: str, cases: int, seed: int, dtypes: Optional[Sequence[str]] = N
     print(f"fuzz backend={backend} seed={seed} start={start} cases={done} failures={len(failures)} "
           f"({summary['seconds']} s)", file=out, flush=True)
     return summary
+
+
+_STICKY_DEVICE_ERRORS = ("illegal memory access", "illegal instruction", "unspecified launch failure",
+                         "misaligned address", "device-side assert")
+
+
+def _lost_device(message: str) -> bool:
+    """Whether an error message is one of CUDA's sticky errors, after which every call in the
+    process fails (so neither shrinking nor the next cases can run here)."""
+    text = message.lower()
+    return any(s in text for s in _STICKY_DEVICE_ERRORS)
 
 
 def _run_nan(backend: str, cases: int, seed: int, dtypes, device, start: int = 0) -> int:
