@@ -113,14 +113,14 @@ def _row_chunks(B: int, Sq: int, Sk: int):
         yield r0, min(Sq, r0 + step)
 
 
-def _bool_rows(mask: torch.Tensor, r0: int, r1: int, check: bool = True) -> Optional[torch.Tensor]:
-    """Query rows [r0, r1) of a 4D mask as a (B, r, Sk) bool (True = attend); with ``check``, None
-    if they are not a plain visibility mask (per-head differences, additive biases other than
-    0 / -inf)."""
+def _bool_rows(mask: torch.Tensor, r0: int, r1: int, ok: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Query rows [r0, r1) of a 4D mask as a (B, r, Sk) bool (True = attend). With ``ok`` (a 0-d
+    bool on the mask's device), ``ok`` is and-ed in place with whether they are a plain visibility
+    mask (no per-head differences, no additive biases other than 0 / -inf): no host sync here."""
     c = mask[:, :, r0:r1]
     if c.shape[1] != 1:
-        if check and not bool((c == c[:, :1]).all()):
-            return None
+        if ok is not None:
+            ok &= (c == c[:, :1]).all()
         c = c[:, :1]
     m = c[:, 0]
     if m.dtype == torch.bool:
@@ -128,16 +128,19 @@ def _bool_rows(mask: torch.Tensor, r0: int, r1: int, check: bool = True) -> Opti
     if not m.is_floating_point():
         return m != 0
     zero = m == 0
-    if check and not bool((zero | (m <= torch.finfo(m.dtype).min / 2)).all()):
-        return None
+    if ok is not None:
+        ok &= (zero | (m <= torch.finfo(m.dtype).min / 2)).all()
     return zero
 
 
 def _matches(mask: torch.Tensor, expect_rows) -> bool:
-    """Whether every chunk of rows of ``mask`` equals ``expect_rows(r0, r1)`` ((B, r, Sk) bool)."""
+    """Whether every chunk of rows of ``mask`` equals ``expect_rows(r0, r1)`` ((B, r, Sk) bool);
+    one host sync at the end."""
     B, _, Sq, Sk = mask.shape
-    return all(torch.equal(expect_rows(r0, r1), _bool_rows(mask, r0, r1, check=False))
-               for r0, r1 in _row_chunks(B, Sq, Sk))
+    same = torch.ones((), dtype=torch.bool, device=mask.device)
+    for r0, r1 in _row_chunks(B, Sq, Sk):
+        same &= (expect_rows(r0, r1) == _bool_rows(mask, r0, r1)).all()
+    return bool(same)
 
 
 def _key_range(k_valid: torch.Tensor):
@@ -162,13 +165,14 @@ def _analyse(mask: torch.Tensor, causal: bool, seqlen_k: int) -> _Plan:
     q_valid = torch.empty(B, Sq, dtype=torch.bool, device=dev)
     k_valid = torch.zeros(B, Sk, dtype=torch.bool, device=dev)
     first = torch.empty(B, Sq, dtype=torch.long, device=dev)
+    ok = torch.ones((), dtype=torch.bool, device=dev)
     for r0, r1 in _row_chunks(B, Sq, Sk):
-        m = _bool_rows(mask, r0, r1)
-        if m is None:
-            return _Plan("fallback")
+        m = _bool_rows(mask, r0, r1, ok)
         q_valid[:, r0:r1] = m.any(dim=2)
         k_valid |= m.any(dim=1)
         first[:, r0:r1] = m.to(torch.uint8).argmax(dim=2) if Sk else 0
+    if not bool(ok):  # one host sync for the whole pass
+        return _Plan("fallback")
     first.masked_fill_(~q_valid, Sk)
     nq = q_valid.sum(-1)
     nk = k_valid.sum(-1)
