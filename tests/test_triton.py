@@ -328,6 +328,50 @@ def test_backward_beyond_128_pads_to_a_power_of_two(monkeypatch, D, padded):
     check_against_reference(out, None, grads, ref, low, torch.float16)
 
 
+@pytest.mark.parametrize("mode", ["atomic", "tma"])
+@pytest.mark.parametrize("case", ["dense-causal-gqa4-hd64-bf16", "dense-window-hd80-fp16", "varlen-causal-hd72-bf16",
+                                  "fp32-hd48-sq>sk"])
+def test_one_pass_backward_accumulates_dq_in_the_dkdv_kernel(case, mode):
+    """dq_mode="atomic" / "tma": dQ added in fp32 by the dK/dV kernel (no dQ kernel) gives the
+    reference's gradients by the rule; "tma" runs as "atomic" under the interpreter (no descriptor
+    reduce there), the TMA path itself is checked on the GPU (benchmarks/experiments/exp_bwd_fused.py)."""
+    from qwen3vl_flash.backends.triton_bwd import attention_backward
+    from qwen3vl_flash.backends.triton_fwd import attention_forward
+
+    if case.startswith("varlen"):
+        lens = [17, 0, 40, 1, 33]
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+        T, D, dtype = sum(lens), 72, torch.bfloat16
+        q, dout = randn(T, 4, D, dtype=dtype), randn(T, 4, D, dtype=dtype)
+        k, v = randn(T, 2, D, dtype=dtype), randn(T, 2, D, dtype=dtype)
+        kw = dict(causal=True)
+        vk = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+        varlen = (cu, cu)
+    else:
+        B, Sq, Sk, H, Hkv, D, dtype, kw = {
+            "dense-causal-gqa4-hd64-bf16": (2, 70, 70, 4, 1, 64, torch.bfloat16, dict(causal=True)),
+            "dense-window-hd80-fp16": (1, 45, 60, 2, 2, 80, torch.float16, dict(window_size=(9, 3))),
+            "fp32-hd48-sq>sk": (1, 50, 20, 2, 1, 48, torch.float32, dict(causal=True)),
+        }[case]
+        q, dout = randn(B, Sq, H, D, dtype=dtype), randn(B, Sq, H, D, dtype=dtype)
+        k, v = randn(B, Sk, Hkv, D, dtype=dtype), randn(B, Sk, Hkv, D, dtype=dtype)
+        vk, varlen = {}, None
+    sc = D ** -0.5
+    out, lse = attention_forward(q, k, v, sc, kw.get("causal", False), kw.get("window_size", (-1, -1)), **vk)
+    grads = attention_backward(dout, q, k, v, out, lse, sc, kw.get("causal", False), kw.get("window_size", (-1, -1)),
+                               **vk, dq_mode=mode)
+    ref, low = reference_triplet(q, k, v, dout, varlen=varlen, softmax_scale=sc, **kw)
+    check_against_reference(out, None, grads, ref, low, dtype)
+
+
+def test_backward_dq_mode_is_checked():
+    from qwen3vl_flash.backends.triton_bwd import attention_backward
+
+    x = torch.zeros(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="dq_mode must be one of"):
+        attention_backward(x, x, x, x, x, torch.zeros(1, 1, 4), 1.0, dq_mode="fused")
+
+
 def test_profile_can_give_the_dq_kernel_its_own_tile(monkeypatch):
     import qwen3vl_flash.backends.triton_backend as tbk
     import qwen3vl_flash.backends.triton_bwd as tb

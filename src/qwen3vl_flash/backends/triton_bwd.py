@@ -32,6 +32,8 @@ from .triton_common import LOG2E, block_ranges, dot, load2d
 # Tiles for calls that bring none (autotune list, the interpreter's tile, the preprocess block):
 # the profile's TritonTiles (hardware.profiles), or the schema's defaults when the caller gives none.
 _DEFAULT_TILES = TritonTiles()
+# attention_backward's dq_mode -> the dK/dV kernel's FUSE_DQ
+_DQ_MODES = {"kernel": 0, "atomic": 1, "tma": 2}
 
 
 @triton.jit
@@ -78,8 +80,10 @@ def _dkdv_inner(
     dk0, dk1, dv0, dv1, k0, k1, v0, v1,
     q_base, do_base, stride_qs, stride_dos, Lse, Delta, lse_base,
     lo, hi, offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
+    dqa_base, stride_dqas, dq_desc, dq_row0, dq_col,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSE_DQ: tl.constexpr,
 ):
     offs_mb = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
@@ -126,24 +130,37 @@ def _dkdv_inner(
         dk0 = dot(dst, tl.trans(q0t), dk0, DOT_PREC)
         if BLOCK_D1 > 0:
             dk1 = dot(dst, tl.trans(q1t), dk1, DOT_PREC)
+        # -- dQ += dS k, added in fp32 to a shared accumulator (scale applied after the kernel)
+        if FUSE_DQ == 2:  # TMA reduce: one bulk add of the (M, D) tile; rows past the end are clipped
+            dq_desc.atomic_add([dq_row0 + start_m, dq_col], dot(tl.trans(dst), k0, None, DOT_PREC))
+        elif FUSE_DQ == 1:
+            dq_ptrs = dqa_base + rows[:, None] * stride_dqas + offs_d0[None, :]
+            tl.atomic_add(dq_ptrs, dot(tl.trans(dst), k0, None, DOT_PREC),
+                          mask=m_ok[:, None] & d0_ok[None, :], sem="relaxed")
+            if BLOCK_D1 > 0:
+                dq_ptrs = dqa_base + rows[:, None] * stride_dqas + offs_d1[None, :]
+                tl.atomic_add(dq_ptrs, dot(tl.trans(dst), k1, None, DOT_PREC),
+                              mask=m_ok[:, None] & d1_ok[None, :], sem="relaxed")
     return dk0, dk1, dv0, dv1
 
 
 @triton.jit
 def _bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, CuSeqQ, CuSeqK,
+    Q, K, V, DO, Lse, Delta, DK, DV, CuSeqQ, CuSeqK, DQA, dq_desc,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, num_kv_heads, group,
     qk_scale, softmax_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+    FUSE_DQ: tl.constexpr = 0,
 ):
     tl.static_assert(BLOCK_D0 >= 16)
     tl.static_assert(BLOCK_D0 + BLOCK_D1 >= HEAD_DIM)
@@ -219,18 +236,28 @@ def _bwd_dkdv(
         q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh
         lse_base = b.to(tl.int64) * stride_lb + h * stride_lh + q_start
+        dqa_base = DQA + b.to(tl.int64) * stride_dqab + q_start.to(tl.int64) * stride_dqas + h * stride_dqah
+        # the TMA accumulator is a 2-D (rows, H * D) view: dense rows b * seqlen_q + m, varlen q_start + m
+        if VARLEN:
+            dq_row0 = q_start
+        else:
+            dq_row0 = b * seqlen_q
+        dq_col = h * HEAD_DIM
         dk0, dk1, dv0, dv1 = _dkdv_inner(
             dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, stride_qs, stride_dos, Lse, Delta, lse_base,
             lo, full_lo, offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+            dqa_base, stride_dqas, dq_desc, dq_row0, dq_col,
+            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, FUSE_DQ)
         dk0, dk1, dv0, dv1 = _dkdv_inner(
             dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, stride_qs, stride_dos, Lse, Delta, lse_base,
             full_lo, full_hi, offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+            dqa_base, stride_dqas, dq_desc, dq_row0, dq_col,
+            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, FUSE_DQ)
         dk0, dk1, dv0, dv1 = _dkdv_inner(
             dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_base, do_base, stride_qs, stride_dos, Lse, Delta, lse_base,
             full_hi, hi, offs_n, seqlen_q, seqlen_k, off, window_left, window_right, qk_scale,
-            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, DOT_PREC)
+            dqa_base, stride_dqas, dq_desc, dq_row0, dq_col,
+            HEAD_DIM, BLOCK_D0, BLOCK_D1, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, FUSE_DQ)
 
     dk_base = DK + b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dks + h_kv * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvs + h_kv * stride_dvh
@@ -376,6 +403,18 @@ def _bwd_dq(
 # --------------------------------------------------------------------------------------------
 
 
+def _tma_reduce_possible(q: torch.Tensor) -> bool:
+    """TMA bulk reduce-adds: Hopper or newer GPUs (the interpreter of triton 3.9 has no descriptor
+    reduce, so under it "tma" runs as "atomic")."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (triton >= 3.4)
+    except ImportError:
+        return False
+    if tc.interpreting():
+        return False
+    return q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)
+
+
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -394,6 +433,7 @@ def attention_backward(
     config_dq: Optional[dict] = None,
     head_split: str = "split",
     tiles: Optional[TritonTiles] = None,
+    dq_mode: str = "kernel",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch preprocess, dK/dV and dQ kernels. Returns (dq, dk, dv) shaped like (q, k, v).
 
@@ -401,7 +441,12 @@ def attention_backward(
     autotunes over ``tiles.autotune_bwd`` on GPU, or uses ``tiles.interpret`` in the interpreter.
     tiles: the profile's :class:`~qwen3vl_flash.hardware.profiles.TritonTiles` for those and for
     ``preprocess_block_m`` (None: the schema's defaults).
+    dq_mode: "kernel" (a dQ kernel of its own: deterministic, recomputes S and dP), "atomic" (dQ
+    added in fp32 from the dK/dV kernel with relaxed atomics) or "tma" (the same through TMA
+    bulk reduce-adds; dense or varlen with a power-of-two head dim on sm90+, else "atomic").
     """
+    if dq_mode not in _DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {sorted(_DQ_MODES)}, got {dq_mode!r}")
     tiles = _DEFAULT_TILES if tiles is None else tiles
     varlen = cu_seqlens_q is not None
     q, k, v, out, dout = (tc.contig_last(t) for t in (q, k, v, out, dout))
@@ -426,6 +471,7 @@ def attention_backward(
         gq, gk, gv = attention_backward(
             pad(dout), pad(q), pad(k), pad(v), pad(out), lse, softmax_scale, causal, window_size,
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, config_dq, head_split, tiles,
+            dq_mode,
         )
         return gq[..., :D].contiguous(), gk[..., :D].contiguous(), gv[..., :D].contiguous()
     if s1 and s0 + s1 > D:
@@ -440,6 +486,7 @@ def attention_backward(
         gq, gk, gv = attention_backward(
             pad(dout), pad(q), pad(k), pad(v), pad(out), lse, softmax_scale, causal, window_size,
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, config, config_dq, head_split, tiles,
+            dq_mode,
         )
         return gq[..., :D].contiguous(), gk[..., :D].contiguous(), gv[..., :D].contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -466,12 +513,29 @@ def attention_backward(
         HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=tc.next_pow2(max(D, 16)), VARLEN=varlen,
     )
 
+    fuse = _DQ_MODES[dq_mode]
+    if fuse == 2 and not (d1 == 0 and d0 == D and _tma_reduce_possible(q)):
+        fuse = 1
+    if fuse:
+        dqa = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        sdqa = tc.layout_strides(q, k, v, dqa, lse, varlen)[3]
+    else:
+        dqa, sdqa = delta, (0, 0, 0)  # never read
+
     def launch_dkdv(cfg):
+        if fuse:
+            dqa.zero_()  # autotuning launches it more than once
+        desc = dqa
+        if fuse == 2:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            flat = dqa.view(-1, H * D)
+            desc = TensorDescriptor(flat, list(flat.shape), [H * D, 1], [cfg["BLOCK_M"], D])
         _bwd_dkdv[(triton.cdiv(max(Sk, 1), cfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
-            *sq, *sk, *sv, *sdo, *sdk, *sdv, *sl,
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, dqa, desc,
+            *sq, *sk, *sv, *sdo, *sdk, *sdv, *sdqa, *sl,
             Sq, Sk, Hkv, group, qk_scale, float(softmax_scale), left, right,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], FUSE_DQ=fuse,
             num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 2), **heads, **masks,
         )
 
@@ -485,6 +549,12 @@ def attention_backward(
         )
 
     key = (D, head_split, q.dtype, varlen, left >= 0, right >= 0, tc.next_pow2(max(Sq, Sk)), q.device.index)
+    if fuse:
+        if config is None:
+            config = tc.autotune(launch_dkdv, ("dkdv", fuse) + key, tiles.autotune_bwd, tiles.interpret)
+        launch_dkdv(config)
+        dq.copy_(dqa.mul_(float(softmax_scale)))
+        return dq, dk, dv
     if config_dq is None:
         config_dq = config if config is not None else tc.autotune(launch_dq, ("dq",) + key, tiles.autotune_bwd,
                                                                   tiles.interpret)
