@@ -267,6 +267,20 @@ def test_tiled_fp32_few_keys_long_dots(case):
     fuzz.check_case(case, backend="tiled")
 
 
+@pytest.mark.parametrize("case", [
+    # the interpreter long run of 2026-12-07 (seed 120705, case 2183, shrunk): out 2.33e-5 against 1.89e-5
+    fuzz.Case(kind="dense", dtype="float32", H=4, Hkv=4, D=203, Sk=2, softmax_scale=1.6024910117700588, q_mag=0.0819,
+              k_mag=1.3812, v_mag=9.054, seed=25081902745550),
+    fuzz.Case(kind="dense", dtype="float32", H=2, Hkv=1, D=203, Sq=5, Sk=3, softmax_scale=1.6, q_mag=0.09, k_mag=1.4,
+              v_mag=9.0, backward=True, return_lse=True, seed=25081902745551),
+], ids=["fwd-d203-2keys", "bwd-d203-3keys"])
+def test_triton_fp32_head_dim_dots_in_chunks(case):
+    """FOUND_BUGS 16: under the interpreter the fp32 q.k dot over a 256-wide (padded) head dimension
+    ran as one chain of FMAs (numpy's sgemm) and put 2 ulps into each score; two keys with values 42
+    apart turned that into 1.23x the rule. The interpreted kernels now sum chains of 64 (dot_d)."""
+    fuzz.check_case(case, backend="triton")
+
+
 def test_run_stops_at_a_sticky_cuda_error_without_shrinking(monkeypatch):
     """An illegal memory access poisons the CUDA context: every later call fails and shrinking would
     'reduce' the case to one that passes alone (seen on an H100, seed 130102). The run stops there,

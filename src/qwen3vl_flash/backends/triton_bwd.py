@@ -27,7 +27,7 @@ import triton.language as tl
 from ..conventions import fold_window
 from ..hardware.profiles import TritonTiles
 from . import triton_common as tc
-from .triton_common import LOG2E, block_ranges, dot, load2d
+from .triton_common import LOG2E, block_ranges, dot, dot_d, load2d
 
 # Tiles for calls that bring none (autotune list, the interpreter's tile, the preprocess block):
 # the profile's TritonTiles (hardware.profiles), or the schema's defaults when the caller gives none.
@@ -98,11 +98,11 @@ def _dkdv_inner(
         # -- s^T = k q^T  (N, M)
         q0t = load2d(q_base + rows[None, :] * stride_qs + offs_d0[:, None],  # (D0, M)
                      m_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
-        st = dot(k0, q0t, None, DOT_PREC)
+        st = dot_d(k0, q0t, None, DOT_PREC)
         if BLOCK_D1 > 0:
             q1t = load2d(q_base + rows[None, :] * stride_qs + offs_d1[:, None],
                          m_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
-            st = dot(k1, q1t, st, DOT_PREC)
+            st = dot_d(k1, q1t, st, DOT_PREC)
         lse2 = _load_lse2(Lse, lse_base, rows, m_ok)
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
         if MASK:
@@ -118,12 +118,12 @@ def _dkdv_inner(
         pt_lo = pt.to(do0.dtype)
         dv0 = dot(pt_lo, do0, dv0, DOT_PREC)
         # -- dP^T = V dO^T
-        dpt = dot(v0, tl.trans(do0), None, DOT_PREC)
+        dpt = dot_d(v0, tl.trans(do0), None, DOT_PREC)
         if BLOCK_D1 > 0:
             do1 = load2d(do_base + rows[:, None] * stride_dos + offs_d1[None, :],
                          m_ok[:, None], d1_ok[None, :], MASK, MASK_D1)
             dv1 = dot(pt_lo, do1, dv1, DOT_PREC)
-            dpt = dot(v1, tl.trans(do1), dpt, DOT_PREC)
+            dpt = dot_d(v1, tl.trans(do1), dpt, DOT_PREC)
         # -- dS^T = P^T * (dP^T - delta);  dK += dS^T q  (scale applied once at the end)
         delta = tl.load(Delta + lse_base + rows, mask=m_ok, other=0.0)
         dst = (pt * (dpt - delta[None, :])).to(q0t.dtype)
@@ -292,15 +292,15 @@ def _dq_inner(
                      n_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
         v0t = load2d(v_base + cols[None, :] * stride_vs + offs_d0[:, None],
                      n_ok[None, :], d0_ok[:, None], MASK, MASK_D0)
-        s = dot(q0, k0t, None, DOT_PREC)
-        dp = dot(do0, v0t, None, DOT_PREC)
+        s = dot_d(q0, k0t, None, DOT_PREC)
+        dp = dot_d(do0, v0t, None, DOT_PREC)
         if BLOCK_D1 > 0:
             k1t = load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
                          n_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
             v1t = load2d(v_base + cols[None, :] * stride_vs + offs_d1[:, None],
                          n_ok[None, :], d1_ok[:, None], MASK, MASK_D1)
-            s = dot(q1, k1t, s, DOT_PREC)
-            dp = dot(do1, v1t, dp, DOT_PREC)
+            s = dot_d(q1, k1t, s, DOT_PREC)
+            dp = dot_d(do1, v1t, dp, DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse2[:, None])
         if MASK:
             vis = n_ok[None, :]

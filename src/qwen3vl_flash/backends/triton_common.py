@@ -75,8 +75,8 @@ def dot_precision(dtype: torch.dtype, upcast: bool | None = None) -> str:
     tf32); fp16/bf16: ``"tf32"`` (the tensor-core default; the tf32 flag is ignored for them), or
     ``"upcast"``: tiles widened to fp32 first, for the CPU interpreter, which cannot multiply bf16
     (numpy has no bf16). ``upcast`` None: bf16 under the interpreter."""
-    if dtype == torch.float32:
-        return "ieee"
+    if dtype == torch.float32:  # the interpreter: "ieee_chunked", see dot_d
+        return "ieee_chunked" if interpreting() else "ieee"
     if upcast is None:
         upcast = dtype == torch.bfloat16 and interpreting()
     return "upcast" if upcast else "tf32"
@@ -176,8 +176,32 @@ def dot(a, b, acc, DOT_PREC: tl.constexpr):
     cores; otherwise Triton's input_precision ("ieee" for fp32, "tf32" for fp16/bf16)."""
     if DOT_PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT_PREC == "ieee_chunked":
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+def dot_d(a, b, acc, DOT_PREC: tl.constexpr):
+    """:func:`dot` for a reduction over the head dimension (``a`` (M, K), ``b`` (K, N): q k^T,
+    dO v^T). ``"ieee_chunked"`` (fp32 under the interpreter) with K > 64 sums K/64 separate chains
+    of 64 products: the interpreter's dot is numpy's sgemm, one chain of K fp32 FMAs, which at
+    K=256 loses up to ~8x more than PyTorch's blocked matmul, enough to fail the comparison rule
+    (FOUND_BUGS 16). Not on GPUs: this reshaped 3-D dot asked for 256 KiB of shared memory at the
+    fp32 hd256 tile on an H100 (2026-12-07), so compiled kernels keep Triton's own fp32 dot."""
+    if DOT_PREC == "ieee_chunked" and a.shape[1] > 64:
+        M: tl.constexpr = a.shape[0]
+        K: tl.constexpr = a.shape[1]
+        N: tl.constexpr = b.shape[1]
+        a3 = tl.permute(tl.reshape(a, (M, K // 64, 64)), (1, 0, 2))  # (K/64, M, 64)
+        b3 = tl.reshape(b, (K // 64, 64, N))
+        s = tl.sum(tl.dot(a3, b3, input_precision="ieee"), 0)
+        if acc is None:
+            return s
+        else:
+            return acc + s
+    else:
+        return dot(a, b, acc, DOT_PREC)
 
 
 def load2d(ptrs, a_ok, b_ok, MASK_A: tl.constexpr, MASK_B: tl.constexpr):
@@ -224,7 +248,7 @@ def block_ranges(m0, seqlen_q, seqlen_k, window_left, window_right,
 
 # The plain functions leave the module namespace, so that the first access by name (an import)
 # goes through __getattr__ and gets the triton.jit-wrapped version.
-_JIT_NAMES = ("dot", "load2d", "block_ranges")
+_JIT_NAMES = ("dot", "dot_d", "load2d", "block_ranges")
 _CONSTANTS = {"LOG2E": _LOG2E, "LN2": _LN2}
 _RAW = {name: globals().pop(name) for name in _JIT_NAMES}
 _BUILT: dict[bool, dict[str, object]] = {}

@@ -40,7 +40,7 @@ import triton.language as tl
 from ..conventions import fold_window
 from ..hardware.profiles import TritonTiles
 from . import triton_common as tc
-from .triton_common import LN2, block_ranges, dot, effective_split, load2d, split_head_dim
+from .triton_common import LN2, block_ranges, dot, dot_d, effective_split, load2d, split_head_dim
 
 # --------------------------------------------------------------------------------------------
 # kernels
@@ -73,11 +73,11 @@ def _fwd_inner(
         else:
             k0 = load2d(k_base + cols[None, :] * stride_ks + offs_d0[:, None],  # (D0, N)
                         n_ok[None, :], d0_ok[:, None], MASK, BLOCK_D0 > HEAD_DIM)
-        s = dot(q0, k0, None, DOT_PREC)
+        s = dot_d(q0, k0, None, DOT_PREC)
         if BLOCK_D1 > 0:
             k1 = load2d(k_base + cols[None, :] * stride_ks + offs_d1[:, None],
                         n_ok[None, :], d1_ok[:, None], MASK, BLOCK_D0 + BLOCK_D1 > HEAD_DIM)
-            s = dot(q1, k1, s, DOT_PREC)
+            s = dot_d(q1, k1, s, DOT_PREC)
         if MASK:
             s = s * qk_scale  # log2 units
             vis = n_ok[None, :]
