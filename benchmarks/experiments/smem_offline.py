@@ -1,6 +1,7 @@
-"""Offline sm90 compile of the dK/dV kernel (no GPU needed): shared memory per config, as the
-installed triton lays it out. 2026-12-07, triton 3.9 on the CPU machine: 128x128 one-pass (FUSE_DQ=1)
-132,096 B, where triton 3.6 on an H100 asked for 263,168 B for the same tile.
+"""Offline sm90 compile of the dK/dV kernel on a machine without a GPU: shared memory per config.
+NOT YET A STAND-IN FOR THE GPU: 2026-12-07, triton 3.6 and 3.9 both report 132,096 B for the
+one-pass 128x128 tile, where triton 3.6 on an H100 asked for 263,168 B for it. Something in the
+device launch's specialisation is missing here (not found).
 
     PYTHONPATH=src python3 benchmarks/experiments/smem_offline.py
 """
@@ -21,7 +22,11 @@ def smem(BM, BN, fuse, warps, stages, D=128, dt="*bf16", causal=True):
         else: sig[n] = "constexpr"
     cx.update(HEAD_DIM=D, BLOCK_D0=D, BLOCK_D1=0, BLOCK_M=BM, BLOCK_N=BN, VARLEN=False, HAS_LEFT=False,
               HAS_RIGHT=causal, DOT_PREC="tf32", FUSE_DQ=fuse)
-    c = triton.compile(ASTSource(_bwd_dkdv, sig, constexprs=cx),
+    # the launcher's specialisation: 16-byte aligned pointers and strides divisible by 16 (what makes
+    # Triton pipeline the loads through shared memory with cp.async)
+    div = [(i,) for i, n in enumerate(names) if sig[n].startswith("*") or (n.startswith("stride") and not n.endswith(("s", "l", "lh")))]
+    attrs = {a: [["tt.divisibility", 16]] for a in div}
+    c = triton.compile(ASTSource(_bwd_dkdv, sig, constexprs=cx, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     return c.metadata.shared
 for BM, BN, fuse, w, s in [(128, 128, 1, 8, 2), (64, 128, 1, 8, 3), (64, 64, 0, 4, 2), (128, 128, 0, 8, 2)]:
