@@ -415,3 +415,23 @@ def test_to_tile_profile_is_a_replace_of_the_shipped_one(fake_timings):
                                                          "tiled_blocks", "description"}
     assert all(getattr(prof, n) == getattr(base, n) for n in same)
     assert prof.tiled_min_seqlen == base.tiled_min_seqlen and prof.triton == base.triton
+
+
+def test_plot_keeps_one_colour_per_candidate(tmp_path, monkeypatch):
+    """The H100 quick tune of 2026-12-07 (no cudnn for the vision shapes): before, each panel cycled its own
+    colours, so `tiled` took cudnn's colour wherever cudnn was missing."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tuned = T.read_tuned(os.path.join(root, "benchmarks", "results", "tuned_cuda_h100_2026-12-07.json"))
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    assert T.plot(tuned, str(tmp_path / "t.png")).startswith("plot:")
+    colours = {}
+    for ax in figs[0].axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert {"sdpa", "triton", "cudnn"} <= set(colours), colours
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)

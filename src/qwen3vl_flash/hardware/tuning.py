@@ -1008,6 +1008,9 @@ def plot(tuned: TunedProfile, path: str) -> str:
         return "no plot: nothing was measured"
     shapes = list(dict.fromkeys(m.shape for m in ok))
     cols = list(dict.fromkeys((m.dtype, m.mode) for m in ok))
+    # one colour per candidate across all panels (a panel without cudnn must not shift the others)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {c: palette[i % len(palette)] for i, c in enumerate(dict.fromkeys(m.candidate for m in ok))}
     fig, axes = plt.subplots(len(shapes), len(cols), figsize=(4 * len(cols), 3.2 * len(shapes)), squeeze=False)
     for i, shape in enumerate(shapes):
         for j, (dtype, mode) in enumerate(cols):
@@ -1015,7 +1018,7 @@ def plot(tuned: TunedProfile, path: str) -> str:
             sub = [m for m in ok if (m.shape, m.dtype, m.mode) == (shape, dtype, mode)]
             for cand in dict.fromkeys(m.candidate for m in sub):
                 pts = sorted((m.seqlen, m.median_ms) for m in sub if m.candidate == cand)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", markersize=3, label=cand)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", markersize=3, label=cand, color=colour[cand])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             lengths = sorted({m.seqlen for m in sub})
