@@ -71,6 +71,7 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _MIN_CAPABILITY = (8, 0)  # int8 mma (Ampere); FP8 needs FP8_MIN_CAPABILITY (sm89)
 _INT8_MIN_DOT = 32  # the int8 MMA's reduction depth: Q.K^T tiles over D are at least this wide
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (x + M) - M rounds fp32 x half-to-even for |x| < 2**22
+_ROUND_MAGIC_BITS = 0x4B400000  # the bits of 1.5 * 2**23 as an int32
 _LOG2_P = math.log2(FP8_MAX)  # P is stored as fp8(P * 448) = fp8(exp2(s - m + log2(448)))
 
 
@@ -102,6 +103,17 @@ class QuantTiles:
     # 2026-12-01; root cause not isolated: the split tails or the varlen path), passes the
     # interpreter; "pad" is the default until it is measured on a GPU.
     head_split: str = "pad"
+    # int32 scores -> fp32: "cvt" (I2F) or "magic" (integer add into the bits of 1.5 * 2**23; exact)
+    score_convert: str = "cvt"
+    # the FP8 kernel's exponentials: "f32" (ex2.approx.f32) or "f16x2" (x rounded to fp16, two per
+    # instruction)
+    fp8_exp: str = "f32"
+    # the FP8 P.V products: added to an fp32 register accumulator ("registers") or accumulated in
+    # the tensor core ("tensor_core": Hopper's FP8 MMA accumulates with fewer than fp32's bits)
+    fp8_accumulate: str = "registers"
+    # promise the compiler 16-byte aligned Q / V / out rows where every stride is a multiple of 8
+    # elements (head dim 72: Triton sees no divisibility by 16 and loads element by element)
+    align8: bool = True
 
     def __post_init__(self):
         for key, tile in self.fwd.items():
@@ -121,6 +133,15 @@ class QuantTiles:
                              f"got {self.quant_programs_per_sm!r}")
         if not isinstance(self.reverse_m, bool):
             raise ValueError(f"QuantTiles.reverse_m must be a bool, got {self.reverse_m!r}")
+        if self.score_convert not in ("cvt", "magic"):
+            raise ValueError(f"QuantTiles.score_convert must be 'cvt' or 'magic', got {self.score_convert!r}")
+        if self.fp8_accumulate not in ("registers", "tensor_core"):
+            raise ValueError(f"QuantTiles.fp8_accumulate must be 'registers' or 'tensor_core', "
+                             f"got {self.fp8_accumulate!r}")
+        if not isinstance(self.align8, bool):
+            raise ValueError(f"QuantTiles.align8 must be a bool, got {self.align8!r}")
+        if self.fp8_exp not in ("f32", "f16x2"):
+            raise ValueError(f"QuantTiles.fp8_exp must be 'f32' or 'f16x2', got {self.fp8_exp!r}")
         if self.head_split not in ("split", "pad"):
             raise ValueError(f"QuantTiles.head_split must be 'split' or 'pad', got {self.head_split!r}")
 
@@ -312,6 +333,31 @@ def _kv_quant_kernel(
                      mask=r_ok[:, None] & (offs_d < DV)[None, :])
 
 
+def _scores_f32(s, I2F_MAGIC: tl.constexpr):
+    # int32 scores -> fp32, exact (|s| <= 127**2 * 256 < 2**22). I2F_MAGIC: add the integer to the
+    # bits of 1.5 * 2**23 and subtract that float (two full-rate adds), instead of the I2F
+    # conversion, which issues at a quarter of the FMA rate on sm80/sm90
+    if I2F_MAGIC:
+        return (s + ROUND_MAGIC_BITS).to(tl.float32, bitcast=True) - ROUND_MAGIC
+    else:
+        return s.to(tl.float32)
+
+
+def _exp2_p(x, EXP_F16: tl.constexpr, EMULATE: tl.constexpr):
+    # P = exp2(x) for the FP8 P.V: EXP_F16 rounds x to fp16 and takes two exponentials per
+    # instruction (ex2.approx.f16x2); P is stored as e4m3 (3 mantissa bits) right after. The
+    # interpreter has no inline PTX: it rounds alike and takes a correctly rounded fp16 exp2.
+    if EXP_F16:
+        x16 = x.to(tl.float16)
+        if EMULATE:
+            return tl.math.exp2(x16.to(tl.float32)).to(tl.float16)
+        else:
+            return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x16], dtype=tl.float16,
+                                             is_pure=True, pack=2)
+    else:
+        return tl.math.exp2(x)
+
+
 def _qattn_inner(
     acc0, acc1, l_i, m_i, q0, q1, qsc,
     kc_base, ks_base, v_base, stride_vs, stride_vd,
@@ -320,6 +366,7 @@ def _qattn_inner(
     DV0: tl.constexpr, DV1: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, POS_SCALE: tl.constexpr,
     FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, DOT_PREC: tl.constexpr,
+    I2F_MAGIC: tl.constexpr, EXP_F16: tl.constexpr, FP8_TC_ACC: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_q0 = tl.arange(0, DQ0)
@@ -341,7 +388,7 @@ def _qattn_inner(
             s = tl.dot(q1, kc1, s, out_dtype=tl.int32)
         ks = load2d(ks_base + cols, n_ok, n_ok, MASK, False)
         # -- dequantise: |s| <= 127^2 * 256 < 2^24, so the fp32 conversion is exact
-        t = s.to(tl.float32) * ks[None, :]
+        t = _scores_f32(s, I2F_MAGIC) * ks[None, :]
         if MASK:
             sf = t * qsc[:, None]  # log2 units
             vis = n_ok[None, :]
@@ -354,7 +401,7 @@ def _qattn_inner(
             m_new = tl.maximum(m_i, tl.max(sf, 1))
             m_pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
             if FP8:
-                p = tl.math.exp2(sf - (m_pivot - LOG2_P)[:, None])
+                p = _exp2_p(sf - (m_pivot - LOG2_P)[:, None], EXP_F16, EMULATE_FP8)
             else:
                 p = tl.math.exp2(sf - m_pivot[:, None])
         else:
@@ -364,21 +411,30 @@ def _qattn_inner(
                 m_new = tl.maximum(m_i, tl.max(t * qsc[:, None], 1))
             m_pivot = m_new
             if FP8:
-                p = tl.math.exp2(t * qsc[:, None] - (m_pivot - LOG2_P)[:, None])
+                p = _exp2_p(t * qsc[:, None] - (m_pivot - LOG2_P)[:, None], EXP_F16, EMULATE_FP8)
             else:
                 p = tl.math.exp2(t * qsc[:, None] - m_pivot[:, None])
         alpha = tl.math.exp2(m_i - m_pivot)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the unrounded P (times 448 for fp8)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)  # the unrounded P (times 448 for fp8)
         # -- acc = acc * alpha + p v
         if FP8:
-            p8 = _to_e4m3(p, EMULATE_FP8)
+            if EMULATE_FP8:
+                p8 = _to_e4m3(p.to(tl.float32), True)
+            else:
+                p8 = p.to(tl.float8e4nv)  # from fp32 or, with EXP_F16, fp16 (cvt ...e4m3x2.f16x2)
             vt0 = load2d(v_base + offs_v0.to(tl.int64)[:, None] * stride_vd + cols64[None, :],
                          n_ok[None, :], n_ok[None, :], MASK, False)  # (DV0, N), keys contiguous
-            acc0 = acc0 * alpha[:, None] + tl.dot(p8, tl.trans(vt0))
+            if FP8_TC_ACC:  # accumulate in the tensor core (its FP8 accumulation: see QuantTiles)
+                acc0 = tl.dot(p8, tl.trans(vt0), acc0 * alpha[:, None])
+            else:
+                acc0 = acc0 * alpha[:, None] + tl.dot(p8, tl.trans(vt0))
             if DV1 > 0:
                 vt1 = load2d(v_base + offs_v1.to(tl.int64)[:, None] * stride_vd + cols64[None, :],
                              n_ok[None, :], n_ok[None, :], MASK, False)
-                acc1 = acc1 * alpha[:, None] + tl.dot(p8, tl.trans(vt1))
+                if FP8_TC_ACC:
+                    acc1 = tl.dot(p8, tl.trans(vt1), acc1 * alpha[:, None])
+                else:
+                    acc1 = acc1 * alpha[:, None] + tl.dot(p8, tl.trans(vt1))
         else:
             v0 = load2d(v_base + cols64[:, None] * stride_vs + offs_v0[None, :],
                         n_ok[:, None], (offs_v0 < HEAD_DIM)[None, :], MASK, DV0 > HEAD_DIM)  # (N, DV0)
@@ -404,7 +460,8 @@ def _qattn_fwd_kernel(
     DV0: tl.constexpr, DV1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, REVERSE_M: tl.constexpr,
     POS_SCALE: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, NEED_LSE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, I2F_MAGIC: tl.constexpr, EXP_F16: tl.constexpr, FP8_TC_ACC: tl.constexpr,
+    ALIGN8: tl.constexpr,
 ):
     tl.static_assert(DQ0 >= 32)
     pid_m = tl.program_id(0)
@@ -428,15 +485,23 @@ def _qattn_fwd_kernel(
     if m0 >= seqlen_q:
         return
 
-    q_base = Q + b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+    q_off = b.to(tl.int64) * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh
+    o_off = b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh
+    if ALIGN8:
+        q_off = tl.multiple_of(q_off, 8)
+        o_off = tl.multiple_of(o_off, 8)
+    q_base = Q + q_off
+    o_base = Out + o_off
     kv64 = kv.to(tl.int64)
     kc_base = KCodes + (kv64 * seqlen_k_pad + k_start) * DK
     ks_base = KScale + kv64 * seqlen_k_pad + k_start
     if FP8:  # V codes transposed, (B * Hkv, DV, S_pad)
         v_base = V + kv64 * stride_vh + k_start
     else:
-        v_base = V + b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + h_kv * stride_vh
-    o_base = Out + b.to(tl.int64) * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh
+        v_off = b.to(tl.int64) * stride_vb + k_start.to(tl.int64) * stride_vs + h_kv * stride_vh
+        if ALIGN8:
+            v_off = tl.multiple_of(v_off, 8)
+        v_base = V + v_off
 
     # -- Q tile, quantised per row (token) in registers: quantize_int8's codes and scale
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -480,15 +545,18 @@ def _qattn_fwd_kernel(
     acc0, acc1, l_i, m_i = _qattn_inner(
         acc0, acc1, l_i, m_i, q0, q1, qsc, kc_base, ks_base, v_base, stride_vs, stride_vd,
         lo, full_lo, offs_m, seqlen_k, off, window_left, window_right,
-        HEAD_DIM, DK, DQ0, DQ1, DV0, DV1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, POS_SCALE, FP8, EMULATE_FP8, DOT_PREC)
+        HEAD_DIM, DK, DQ0, DQ1, DV0, DV1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, POS_SCALE, FP8, EMULATE_FP8, DOT_PREC,
+        I2F_MAGIC, EXP_F16, FP8_TC_ACC)
     acc0, acc1, l_i, m_i = _qattn_inner(
         acc0, acc1, l_i, m_i, q0, q1, qsc, kc_base, ks_base, v_base, stride_vs, stride_vd,
         full_lo, full_hi, offs_m, seqlen_k, off, window_left, window_right,
-        HEAD_DIM, DK, DQ0, DQ1, DV0, DV1, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, POS_SCALE, FP8, EMULATE_FP8, DOT_PREC)
+        HEAD_DIM, DK, DQ0, DQ1, DV0, DV1, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, POS_SCALE, FP8, EMULATE_FP8, DOT_PREC,
+        I2F_MAGIC, EXP_F16, FP8_TC_ACC)
     acc0, acc1, l_i, m_i = _qattn_inner(
         acc0, acc1, l_i, m_i, q0, q1, qsc, kc_base, ks_base, v_base, stride_vs, stride_vd,
         full_hi, hi, offs_m, seqlen_k, off, window_left, window_right,
-        HEAD_DIM, DK, DQ0, DQ1, DV0, DV1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, POS_SCALE, FP8, EMULATE_FP8, DOT_PREC)
+        HEAD_DIM, DK, DQ0, DQ1, DV0, DV1, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, POS_SCALE, FP8, EMULATE_FP8, DOT_PREC,
+        I2F_MAGIC, EXP_F16, FP8_TC_ACC)
 
     # -- epilogue: out = acc (* v_scale) / l; a row that saw no key gives 0 and lse = -inf
     seen = l_i != 0.0  # a NaN row (NaN in q or k) keeps its NaN: out and lse NaN, not "saw no key"
@@ -541,7 +609,7 @@ def _quant_q_kernel(
     tl.store(QScale + tok, scale, mask=r_ok)
 
 
-_JIT_NAMES = ("_rint", "_row_scale_i8", "_codes_i8", "_to_e4m3", "_kv_stats_kernel", "_kv_quant_kernel",
+_JIT_NAMES = ("_rint", "_row_scale_i8", "_codes_i8", "_to_e4m3", "_scores_f32", "_exp2_p", "_kv_stats_kernel", "_kv_quant_kernel",
               "_qattn_inner", "_qattn_fwd_kernel", "_quant_q_kernel")
 _RAW = {name: globals()[name] for name in _JIT_NAMES}
 _KERNELS: Dict[bool, Dict[str, object]] = {}
@@ -557,6 +625,7 @@ def _build_kernels() -> Dict[str, object]:
     shared = tc.jit_helpers()  # for this interpreter mode, as the kernels below
     built = {name: shared[name] for name in ("dot", "load2d", "block_ranges", "LN2")}
     built["ROUND_MAGIC"] = tl.constexpr(_ROUND_MAGIC)
+    built["ROUND_MAGIC_BITS"] = tl.constexpr(_ROUND_MAGIC_BITS)
     built["LOG2_P"] = tl.constexpr(_LOG2_P)
     built.update({name: triton.jit(fn) for name, fn in _RAW.items()})
     return built
@@ -765,6 +834,10 @@ def quant_attention_triton(
         VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, REVERSE_M=bool(reverse_m) and right >= 0,
         POS_SCALE=softmax_scale > 0, FP8=fp8, EMULATE_FP8=tc.interpreting(), NEED_LSE=bool(need_lse),
         DOT_PREC=tc.dot_precision(q.dtype),
+        I2F_MAGIC=tiles.score_convert == "magic", EXP_F16=fp8 and tiles.fp8_exp == "f16x2",
+        FP8_TC_ACC=fp8 and tiles.fp8_accumulate == "tensor_core",
+        ALIGN8=tiles.align8 and all(x % 8 == 0 for x in (*sq, *so, *sv[:3]))
+        and all(t.data_ptr() % 16 == 0 for t in (q, out, packed.v)),
     )
     qk_scale = tc.log2_scale(softmax_scale)
 
