@@ -336,3 +336,9 @@ def test_kernel_variant_knobs_are_checked():
     for field, bad in (("score_convert", "fast"), ("fp8_exp", "f16"), ("fp8_accumulate", "tc"), ("align8", 1)):
         with pytest.raises(ValueError, match=f"QuantTiles.{field}"):
             dataclasses.replace(tq.QUANT_TILES, **{field: bad})
+
+
+def test_segment_start_alignment_check():
+    assert tq._starts_aligned(torch.tensor([0, 16, 48, 2304], dtype=torch.int32), 16)
+    assert not tq._starts_aligned(torch.tensor([0, 16, 47], dtype=torch.int32), 16)
+    assert tq._starts_aligned(torch.tensor([0], dtype=torch.int32), 16)

@@ -103,6 +103,9 @@ class QuantTiles:
     # 2026-12-01; root cause not isolated: the split tails or the varlen path), passes the
     # interpreter; "pad" is the default until it is measured on a GPU.
     head_split: str = "pad"
+    # the same for "fp8": "split" measured right and faster on an H100 (2026-12-07, vision hd72
+    # varlen 8 x 2304: 1.32 ms against 1.76 ms padded; exp_quant_variants.py)
+    fp8_head_split: str = "split"
     # int32 scores -> fp32: "cvt" (I2F) or "magic" (integer add into the bits of 1.5 * 2**23; exact)
     score_convert: str = "cvt"
     # the FP8 kernel's exponentials: "f32" (ex2.approx.f32) or "f16x2" (x rounded to fp16, two per
@@ -142,8 +145,9 @@ class QuantTiles:
             raise ValueError(f"QuantTiles.align8 must be a bool, got {self.align8!r}")
         if self.fp8_exp not in ("f32", "f16x2"):
             raise ValueError(f"QuantTiles.fp8_exp must be 'f32' or 'f16x2', got {self.fp8_exp!r}")
-        if self.head_split not in ("split", "pad"):
-            raise ValueError(f"QuantTiles.head_split must be 'split' or 'pad', got {self.head_split!r}")
+        for name in ("head_split", "fp8_head_split"):
+            if getattr(self, name) not in ("split", "pad"):
+                raise ValueError(f"QuantTiles.{name} must be 'split' or 'pad', got {getattr(self, name)!r}")
 
     def lookup(self, quant: str, head_dim: int) -> Optional[KernelTile]:
         return self.fwd.get((quant, int(head_dim)))
@@ -461,7 +465,7 @@ def _qattn_fwd_kernel(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, REVERSE_M: tl.constexpr,
     POS_SCALE: tl.constexpr, FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, NEED_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr, I2F_MAGIC: tl.constexpr, EXP_F16: tl.constexpr, FP8_TC_ACC: tl.constexpr,
-    ALIGN8: tl.constexpr,
+    ALIGN8: tl.constexpr, KSTART16: tl.constexpr,
 ):
     tl.static_assert(DQ0 >= 32)
     pid_m = tl.program_id(0)
@@ -473,6 +477,8 @@ def _qattn_fwd_kernel(
         q_start = tl.load(CuSeqQ + b)
         seqlen_q = tl.load(CuSeqQ + b + 1) - q_start
         k_start = tl.load(CuSeqK + b)
+        if KSTART16:  # every segment starts at a multiple of 16 keys (checked on the host)
+            k_start = tl.multiple_of(k_start, 16)
         seqlen_k = tl.load(CuSeqK + b + 1) - k_start
         kv = h_kv  # one packed (1, Hkv, T_pad, ...) buffer for every segment
     else:
@@ -688,7 +694,8 @@ def quantize_kv_triton(k: torch.Tensor, v: torch.Tensor, quant: str, varlen: boo
     dense k/v (B, Sk, Hkv, D) or packed varlen (Tk, Hkv, D) (one mean and one V scale over all
     tokens, as :func:`~qwen3vl_flash.quant.quantize.quantize_qkv`)."""
     tiles = QUANT_TILES if tiles is None else tiles
-    head_split = tiles.head_split if head_split is None else head_split
+    if head_split is None:
+        head_split = tiles.fp8_head_split if quant == "fp8" else tiles.head_split
     ks = _kernels()
     k, v = tc.contig_last(k), tc.contig_last(v)
     if varlen:
@@ -752,6 +759,16 @@ def triton_cdiv(a: int, b: int) -> int:
 _TUNED: Dict[tuple, dict] = {}
 
 
+def _starts_aligned(cu: torch.Tensor, n: int) -> bool:
+    """Whether every segment starts at a multiple of ``n`` keys, so the kernel may say so to the
+    compiler (the transposed FP8 V codes then load 16 bytes at a time). Reading device offsets
+    syncs the host once per call (about the cost of one small copy); while a CUDA graph is
+    being captured the answer is False (no sync allowed there), which is only slower."""
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return bool((cu.remainder(n) == 0).all().item())
+
+
 def quant_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -791,7 +808,8 @@ def quant_attention_triton(
     if why is not None:
         raise ValueError(f"quant={quant!r}: the Triton kernels cannot run this call: {why}")
     tiles = QUANT_TILES if tiles is None else tiles
-    head_split = tiles.head_split if head_split is None else head_split
+    if head_split is None:
+        head_split = tiles.fp8_head_split if quant == "fp8" else tiles.head_split
     ks = _kernels()
     varlen = cu_seqlens_q is not None
     q = tc.contig_last(q)
@@ -838,6 +856,7 @@ def quant_attention_triton(
         FP8_TC_ACC=fp8 and tiles.fp8_accumulate == "tensor_core",
         ALIGN8=tiles.align8 and all(x % 8 == 0 for x in (*sq, *so, *sv[:3]))
         and all(t.data_ptr() % 16 == 0 for t in (q, out, packed.v)),
+        KSTART16=varlen and tiles.align8 and _starts_aligned(cu_seqlens_k, 16),
     )
     qk_scale = tc.log2_scale(softmax_scale)
 
