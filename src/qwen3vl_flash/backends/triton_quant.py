@@ -134,20 +134,14 @@ class QuantTiles:
         if not (isinstance(self.quant_programs_per_sm, int) and self.quant_programs_per_sm >= 1):
             raise ValueError(f"QuantTiles.quant_programs_per_sm must be an int >= 1, "
                              f"got {self.quant_programs_per_sm!r}")
-        if not isinstance(self.reverse_m, bool):
-            raise ValueError(f"QuantTiles.reverse_m must be a bool, got {self.reverse_m!r}")
-        if self.score_convert not in ("cvt", "magic"):
-            raise ValueError(f"QuantTiles.score_convert must be 'cvt' or 'magic', got {self.score_convert!r}")
-        if self.fp8_accumulate not in ("registers", "tensor_core"):
-            raise ValueError(f"QuantTiles.fp8_accumulate must be 'registers' or 'tensor_core', "
-                             f"got {self.fp8_accumulate!r}")
-        if not isinstance(self.align8, bool):
-            raise ValueError(f"QuantTiles.align8 must be a bool, got {self.align8!r}")
-        if self.fp8_exp not in ("f32", "f16x2"):
-            raise ValueError(f"QuantTiles.fp8_exp must be 'f32' or 'f16x2', got {self.fp8_exp!r}")
-        for name in ("head_split", "fp8_head_split"):
-            if getattr(self, name) not in ("split", "pad"):
-                raise ValueError(f"QuantTiles.{name} must be 'split' or 'pad', got {getattr(self, name)!r}")
+        for name in ("reverse_m", "align8"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuantTiles.{name} must be a bool, got {getattr(self, name)!r}")
+        for name, allowed in (("score_convert", ("cvt", "magic")), ("fp8_exp", ("f32", "f16x2")),
+                              ("fp8_accumulate", ("registers", "tensor_core")),
+                              ("head_split", ("split", "pad")), ("fp8_head_split", ("split", "pad"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"QuantTiles.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def lookup(self, quant: str, head_dim: int) -> Optional[KernelTile]:
         return self.fwd.get((quant, int(head_dim)))
@@ -856,7 +850,7 @@ def quant_attention_triton(
         FP8_TC_ACC=fp8 and tiles.fp8_accumulate == "tensor_core",
         ALIGN8=tiles.align8 and all(x % 8 == 0 for x in (*sq, *so, *sv[:3]))
         and all(t.data_ptr() % 16 == 0 for t in (q, out, packed.v)),
-        KSTART16=varlen and tiles.align8 and _starts_aligned(cu_seqlens_k, 16),
+        KSTART16=varlen and fp8 and tiles.align8 and _starts_aligned(cu_seqlens_k, 16),  # the V^T codes
     )
     qk_scale = tc.log2_scale(softmax_scale)
 
